@@ -1,0 +1,15 @@
+"""relex: extrapolate RLVR runs from a short prefix of checkpoints, exactly and in bounded memory.
+
+    traj = Trajectory.discover("base/", "run/")
+    Relex(rank=1, cutoff=75).fit(traj).save("out/", targets=[500])
+"""
+
+__version__ = "0.1.0"
+
+from relex.errors import RelexError
+from relex.materialize import compute_stats, extrapolate
+from relex.methods import METHODS, Method, Reconstruct, Relex, TwoPoint
+from relex.trajectory import Trajectory
+
+__all__ = ["METHODS", "Method", "Reconstruct", "Relex", "RelexError", "Trajectory", "TwoPoint",
+           "__version__", "compute_stats", "extrapolate"]

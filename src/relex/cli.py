@@ -1,0 +1,196 @@
+"""Command line: ``relex extrapolate`` and ``relex analyze`` (plus the lab's ``lab`` and ``eval``).
+
+Bad input ends with one line on stderr and exit code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from relex.errors import RelexError
+
+log = logging.getLogger("relex")
+
+
+def _add_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, type=Path, help="base model folder (theta_0)")
+    p.add_argument("--run", type=Path, help="run folder with checkpoint-N/, global_step_N/, step-N/ ...")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="STEP=PATH",
+                   help="name a checkpoint explicitly (repeatable; replaces --run discovery)")
+    p.add_argument("--cutoff", type=int, help="last observed step (default: all checkpoints)")
+    p.add_argument("--memory-budget", default="2GB", help="bound on the process's own memory (default 2GB)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--cache", type=Path, help="statistics cache folder (default ~/.cache/relex)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
+    _add_verbosity(p)
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from relex import __version__
+    from relex.methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="relex", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"relex {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("extrapolate", help="write predicted checkpoints as Hugging Face model folders")
+    _add_io(ex)
+    ex.add_argument("--target", type=int, action="append", default=[], help="step to predict (repeatable)")
+    ex.add_argument("--out", type=Path, required=True, help="output folder; one step-T/ per target")
+    ex.add_argument("--method", default="relex", choices=sorted(METHODS), help="extrapolation method")
+    ex.add_argument("--rank", type=int, default=1, help="subspace rank for relex/reconstruct (default 1)")
+    ex.add_argument("--anchor", type=int, default=0, help="two-point: anchor step (default 0, the base)")
+    ex.add_argument("--reconstruct", action="store_true",
+                    help="write the rank-r reconstruction of the observed checkpoints (Algorithm 1)")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: input's)")
+    ex.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    ex.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    ex.set_defaults(func=cmd_extrapolate)
+
+    an = sub.add_parser("analyze", help="rank-1 share and linear-fit quality of every tensor's trajectory")
+    _add_io(an)
+    an.add_argument("--json", type=Path, help="write the full report as JSON")
+    an.add_argument("--worst", type=int, default=10, help="list this many worst tensors (default 10)")
+    an.add_argument("--compare", action="store_true",
+                    help="also read later checkpoints and report RELEX's alignment with them")
+    an.set_defaults(func=cmd_analyze)
+
+    try:
+        from relex.lab.cli import register
+    except ImportError:  # the lab needs the [lab] extra (transformers, TRL)
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if getattr(args, "quiet", False) else (
+        logging.WARNING, logging.INFO, logging.DEBUG)[min(getattr(args, "verbose", 0), 2)]
+    logging.basicConfig(level=level, format="relex: %(levelname)s: %(message)s")
+
+
+def _trajectory(args: argparse.Namespace):
+    from relex.trajectory import Trajectory
+
+    return Trajectory.discover(args.base, args.run, args.checkpoint or None, allow_pickle=args.allow_pickle)
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return {"memory_budget": args.memory_budget, "device": args.device,
+            "cache": False if args.no_cache else args.cache, "progress": not args.quiet}
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> int:
+    from relex.methods import METHODS
+
+    name = "reconstruct" if args.reconstruct else args.method
+    kwargs = {"cutoff": args.cutoff}
+    if name in ("relex", "reconstruct"):
+        kwargs["rank"] = args.rank
+    if name == "two-point":
+        kwargs["anchor"] = args.anchor
+    method = METHODS[name](**kwargs).fit(_trajectory(args))
+    targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
+    folders = method.save(args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                          dtype=args.dtype, **_engine_options(args),
+                          run_info={"run": str(args.run) if args.run else None})
+    if not args.quiet:
+        for folder in folders:
+            print(folder)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from relex.analysis import alignment, summarize, tensor_metrics
+    from relex.materialize import compute_stats
+    from relex.methods import Relex
+
+    traj = _trajectory(args)
+    observed = traj.observed(args.cutoff)
+    specs = observed.tensor_specs()
+    later = [s for s in traj.steps if s > observed.steps[-1]] if args.compare else []
+    source = traj.observed(None) if later else observed
+    stats = compute_stats(source, **_engine_options(args))
+    obs_stats = {n: s.subset(observed.steps) for n, s in stats.items()} if later else stats
+    metrics = [tensor_metrics(n, specs[n].numel, obs_stats[n]) for n in specs]
+    report = {"observed_steps": observed.steps, "summary": summarize(metrics),
+              "tensors": [m.as_dict() for m in metrics]}
+    if later:
+        report["alignment"] = alignment(Relex(rank=1), stats, observed.steps, later)
+    _print_analysis(report, args.worst)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    return 0
+
+
+def _json_default(value):
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def _print_analysis(report: dict, worst: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    summary = report["summary"]
+    steps = report["observed_steps"]
+    table = Table(title=f"Trajectory summary: {summary['tensors_moving']}/{summary['tensors']} tensors moved, "
+                        f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}")
+    table.add_column("metric")
+    for col in ("median", "p10", "share over threshold"):
+        table.add_column(col, justify="right")
+    labels = {"explained_var_rank1": "explained variance, rank 1", "r2_linear": "R^2 of linear fit c1(t)"}
+    for key, label in labels.items():
+        row = summary[key]
+        share_key = next(k for k in row if k.startswith("share_over_"))
+        table.add_row(f"{label} (> {share_key.removeprefix('share_over_')})", f"{row['median']:.4f}",
+                      f"{row['p10']:.4f}", f"{100 * row[share_key]:.1f}%")
+    console.print(table)
+    tensors = [t for t in report["tensors"] if t["delta_norm"] > 0]
+    tensors.sort(key=lambda t: (t["r2_linear"] if not math.isnan(t["r2_linear"]) else -1.0))
+    if worst and tensors:
+        detail = Table(title=f"Worst {min(worst, len(tensors))} tensors by R^2")
+        for col in ("tensor", "numel", "expl. var r1", "R^2", "slope", "intercept", "||delta||"):
+            detail.add_column(col, justify="left" if col == "tensor" else "right")
+        for t in tensors[:worst]:
+            detail.add_row(t["name"], f"{t['numel']:,}", f"{t['explained_var_rank1']:.4f}", f"{t['r2_linear']:.4f}",
+                           f"{t['slope']:.3g}", f"{t['intercept']:.3g}", f"{t['delta_norm']:.4g}")
+        console.print(detail)
+    if "alignment" in report:
+        align = Table(title="RELEX (rank 1) against the real later checkpoints")
+        for col in ("step", "mean cosine", "mean norm ratio", "relative error"):
+            align.add_column(col, justify="right")
+        for row in report["alignment"]:
+            align.add_row(str(row["step"]), f"{row['mean_cosine']:.4f}", f"{row['mean_norm_ratio']:.3f}",
+                          f"{row['relative_error']:.4f}")
+        console.print(align)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except RelexError as exc:
+        print(f"relex: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("relex: interrupted; no output was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

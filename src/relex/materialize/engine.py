@@ -1,0 +1,155 @@
+"""The streaming pass: statistics, method weights and weighted sums, tensor by tensor, to the writers.
+
+For each tensor (in the order its bytes go to disk) the observed deltas are read once when they fit
+the memory budget: the same stack gives the Gram matrix, the method turns it into weights, and the
+weighted sum is written to every target's folder. A tensor too big for the budget takes two passes
+over row blocks (Gram, then sums); cached statistics skip the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import relex
+from relex.analysis.metrics import summarize, tensor_metrics
+from relex.errors import RelexError
+from relex.materialize.stream import DeltaStream, weighted_sum
+from relex.methods.base import Method
+from relex.stats import StatsCache, TensorStats, default_cache_dir
+from relex.trajectory import TensorSpec, Trajectory
+from relex.units import parse_size
+from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name,
+                          warn_if_no_tokenizer)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cache(trajectory: Trajectory, cache: str | Path | bool | None) -> StatsCache | None:
+    if cache is False:
+        return None
+    folder = default_cache_dir() if cache in (None, True) else Path(cache)
+    base_fp = trajectory.reader(trajectory.base).fingerprint()
+    fps = {c.step: trajectory.reader(c.path).fingerprint() for c in trajectory.checkpoints}
+    return StatsCache(folder, base_fp, fps)
+
+
+def _check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RelexError(f"--device {device}: torch sees no CUDA device")
+    return device
+
+
+def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = None, *,
+                  memory_budget: str | int = "2GB", device: str = "cpu",
+                  cache: str | Path | bool | None = None, progress: bool = True) -> dict[str, TensorStats]:
+    """Per-tensor Gram statistics of an observed trajectory, from the cache when it covers them."""
+    specs = specs if specs is not None else trajectory.tensor_specs()
+    store = _cache(trajectory, cache)
+    loaded = store.load(trajectory.steps) if store else None
+    if loaded is not None and specs.keys() <= loaded.keys():
+        log.info("statistics for %d tensors loaded from %s", len(specs), store.path)
+        return {name: loaded[name] for name in specs}
+    stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device))
+    stats = {}
+    with tqdm(total=_read_bytes(specs, len(trajectory.steps)), unit="B", unit_scale=True,
+              desc="statistics", disable=not progress) as bar:
+        for name, spec in specs.items():
+            stats[name] = stream.stats(name, spec)
+            bar.update(spec.numel * spec.dtype.itemsize * (len(trajectory.steps) + 1))
+    if store:
+        store.save(stats, trajectory.steps)
+    return stats
+
+
+def _read_bytes(specs: dict[str, TensorSpec], n_checkpoints: int) -> int:
+    return sum(s.numel * s.dtype.itemsize for s in specs.values()) * (n_checkpoints + 1)
+
+
+def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], out_dir: str | Path, *,
+                overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
+                memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
+                progress: bool = True, run_info: dict | None = None) -> list[Path]:
+    """Write ``out_dir/step-{T}`` for each target T: a loadable HF model folder. Returns the folders."""
+    targets = sorted(set(int(t) for t in targets))
+    if not targets:
+        raise RelexError("give at least one --target step")
+    method.check_targets(targets, trajectory.steps)
+    out_dir = Path(out_dir)
+    folders = [out_dir / f"step-{t}" for t in targets]
+    for folder in folders:
+        check_output_free(folder, overwrite)
+    if dtype is not None and dtype not in DTYPES:
+        raise RelexError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    specs = trajectory.tensor_specs()
+    config = trajectory.base_config()
+    warn_if_no_tokenizer(trajectory.base)
+    out_dtype = {n: DTYPES[dtype] if dtype and s.dtype.is_floating_point else s.dtype for n, s in specs.items()}
+    planned = [PlannedTensor(n, s.shape, out_dtype[n]) for n, s in specs.items()]
+
+    store = _cache(trajectory, cache)
+    loaded = (store.load(trajectory.steps) if store else None) or {}
+    stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device))
+    created_root = not out_dir.exists()
+    writers: list[ModelFolderWriter] = []
+    stats: dict[str, TensorStats] = {}
+    try:
+        for folder in folders:
+            writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
+        order = writers[0].order
+        passes = {n: 1 if n in loaded or len(stream.blocks(specs[n], len(targets))) == 1 else 2 for n in order}
+        total = sum(specs[n].numel * specs[n].dtype.itemsize * (len(trajectory.steps) + 1) * passes[n] for n in order)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
+                  disable=not progress) as bar:
+            for name in order:
+                stats[name] = _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets,
+                                                  loaded.get(name), writers)
+                bar.update(specs[name].numel * specs[name].dtype.itemsize * (len(trajectory.steps) + 1) * passes[name])
+        if store and not loaded:
+            store.save(stats, trajectory.steps)
+        summary = summarize([tensor_metrics(n, specs[n].numel, stats[n]) for n in order])
+        for target, writer in zip(targets, writers):
+            meta = {"relex_version": relex.__version__, "method": method.name, "params": method.params(),
+                    "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base),
+                    "dtype": dtype or "input", "trajectory_summary": summary, **(run_info or {})}
+            writer.commit(meta, overwrite)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        if created_root and out_dir.is_dir() and not any(out_dir.iterdir()):
+            shutil.rmtree(out_dir)
+        raise
+    return folders
+
+
+def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype: torch.dtype, method: Method,
+                        targets: list[int], cached: TensorStats | None,
+                        writers: list[ModelFolderWriter]) -> TensorStats:
+    """Statistics, weights and every target's values for one tensor; returns its statistics."""
+    blocks = stream.blocks(spec, len(targets))
+    if not spec.dtype.is_floating_point:  # integer buffers are not trained: copy them through
+        for r0, r1 in blocks:
+            block = stream.base.read(name, r0, r1)
+            for writer in writers:
+                writer.weights.write(name, block.to(dtype))
+        return cached or stream.stats(name, spec)
+    stack = None
+    if len(blocks) == 1 and cached is None:
+        stack, base = stream.read(name, *blocks[0])
+    stats = cached or stream.stats(name, spec, stack)
+    weights = method.weights(stats, targets)
+    for r0, r1 in blocks:
+        if stack is None:
+            block_stack, base = stream.read(name, r0, r1)
+        else:
+            block_stack = stack
+        for j, writer in enumerate(writers):
+            writer.weights.write(name, weighted_sum(block_stack, base, weights[j], dtype))
+    return stats

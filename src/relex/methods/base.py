@@ -1,0 +1,56 @@
+"""The method interface: a method turns one tensor's statistics into weights on its observed deltas.
+
+Every weight-space method here predicts W_T = W_0 + sum_t A[T, t] (W_t - W_0): only the weights A
+differ, so all methods share one streaming materializer and one writer (``relex.materialize``).
+The estimator shape follows scikit-learn: parameters in the constructor, ``fit`` on a trajectory,
+then ``save`` (or ``weights``) for any targets.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from relex.stats.gram import TensorStats
+from relex.trajectory import TensorSpec, Trajectory
+
+
+class Method(ABC):
+    """A weight-space extrapolation (or reconstruction) method over the checkpoints up to ``cutoff``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cutoff: int | None = None) -> None:
+        self.cutoff = cutoff
+
+    @abstractmethod
+    def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
+        """Weights A (len(targets) x T) so that the predicted delta at target j is sum_t A[j, t] Delta_t."""
+
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters, recorded in each output's ``relex.json``."""
+        return {"cutoff": self.cutoff}
+
+    def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
+        """Refuse targets the method cannot produce (all methods: target must be positive)."""
+        from relex.errors import RelexError
+
+        for target in targets:
+            if target <= 0:
+                raise RelexError(f"target {target} must be a positive step")
+
+    # -- estimator API ---------------------------------------------------------------------------
+    def fit(self, trajectory: Trajectory) -> "Method":
+        """Select the observed checkpoints (step <= cutoff) and validate them against the base."""
+        self.trajectory_ = trajectory.observed(self.cutoff)
+        self.specs_: dict[str, TensorSpec] = self.trajectory_.tensor_specs()
+        return self
+
+    def save(self, out_dir: str | Path, targets: Sequence[int], **options: Any) -> list[Path]:
+        """Write one Hugging Face model folder ``out_dir/step-{T}`` per target; see ``extrapolate``."""
+        from relex.materialize.engine import extrapolate
+
+        return extrapolate(self.trajectory_, self, list(targets), out_dir, **options)

@@ -1,0 +1,63 @@
+"""Per-tensor statistics of a trajectory: the Gram matrix of its deltas, from which every method fits.
+
+For deltas stacked as rows of M (T x d), G = M M^T (T x T, float64) holds all inner products
+<Delta_i, Delta_j>. Its eigendecomposition gives the compact SVD of M (sigma_k^2 and u_k), and any
+prediction that is a weighted sum of deltas has its norm and its distance to any observed delta in
+closed form, so fits, diagnostics and backtests never need the weights again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+GRAM_CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MB per Gram update
+
+
+@dataclass
+class TensorStats:
+    """Gram matrix of one tensor's deltas ``W_t - W_0`` at ``steps`` (all float64)."""
+
+    steps: np.ndarray
+    gram: np.ndarray
+
+    def subset(self, steps: list[int] | np.ndarray) -> "TensorStats":
+        """The statistics of a subset of the steps (e.g. a shorter cutoff): a sub-block of G."""
+        index = {int(s): i for i, s in enumerate(self.steps)}
+        idx = np.array([index[int(s)] for s in steps], dtype=np.int64)
+        return TensorStats(self.steps[idx].astype(np.float64), self.gram[np.ix_(idx, idx)])
+
+    def spectrum(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues sigma_k^2 (descending, clipped at 0) and eigenvectors u_k (columns) of G.
+
+        Signs are fixed so that the coefficient c_k = sigma_k u_k is positive at the last observed
+        step (or, when that entry is zero, at its largest entry): results are deterministic.
+        """
+        values, vectors = np.linalg.eigh(self.gram)
+        order = np.argsort(values)[::-1]
+        values = np.clip(values[order], 0.0, None)
+        vectors = vectors[:, order]
+        for k in range(vectors.shape[1]):
+            col = vectors[:, k]
+            pivot = col[-1] if abs(col[-1]) > 1e-12 * np.abs(col).max(initial=0.0) else col[np.abs(col).argmax()]
+            if pivot < 0:
+                vectors[:, k] = -col
+        return values, vectors
+
+    @property
+    def delta_norms(self) -> np.ndarray:
+        """||W_t - W_0|| for each observed step."""
+        return np.sqrt(np.clip(np.diag(self.gram), 0.0, None))
+
+
+def gram_of(stack: torch.Tensor) -> torch.Tensor:
+    """G = M M^T of a T x n float32 stack, products and sums in float64, in column chunks."""
+    t, n = stack.shape
+    gram = torch.zeros(t, t, dtype=torch.float64, device=stack.device)
+    chunk = max(1, GRAM_CHUNK_ELEMENTS // max(t, 1))
+    for c0 in range(0, n, chunk):
+        block = stack[:, c0:c0 + chunk].to(torch.float64)
+        gram.addmm_(block, block.T)
+    return gram

@@ -1,0 +1,93 @@
+"""Find the checkpoints of a training run on disk and order them by their real step number.
+
+Layouts: TRL/transformers ``checkpoint-N/``, verl ``global_step_N/`` (its ``actor/huggingface/``),
+OpenRLHF ``global_stepN_hf/``, plain ``step-N/`` or ``step_N/``; or explicit ``STEP=PATH`` pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from relex.errors import RelexError
+
+log = logging.getLogger(__name__)
+
+_LAYOUTS = [
+    (re.compile(r"checkpoint-(\d+)"), "trl"),
+    (re.compile(r"global_step_(\d+)"), "verl"),
+    (re.compile(r"global_step(\d+)_hf"), "openrlhf"),
+    (re.compile(r"step[-_](\d+)"), "plain"),
+]
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved model: the optimizer step it was saved at and the folder holding its weights."""
+
+    step: int
+    path: Path
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(g)) for g in _WEIGHT_GLOBS)
+
+
+def _model_folder(folder: Path, layout: str) -> Path:
+    """The folder with HF weights inside a saved step (verl keeps them under actor/huggingface)."""
+    if layout == "verl":
+        hf = folder / "actor" / "huggingface"
+        if hf.is_dir() and _has_weights(hf):
+            return hf
+        raise RelexError(
+            f"{folder}: no Hugging Face weights in actor/huggingface/ (verl saved FSDP shards only); "
+            "merge them first with verl's model_merger, or pass --checkpoint STEP=PATH")
+    return folder
+
+
+def discover_checkpoints(run: Path) -> list[Checkpoint]:
+    """Checkpoints saved during training under ``run``, sorted by step; duplicates are an error."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RelexError(f"{run}: run folder not found")
+    found: list[Checkpoint] = []
+    for child in sorted(run.iterdir()):
+        if not child.is_dir():
+            continue
+        for pattern, layout in _LAYOUTS:
+            match = pattern.fullmatch(child.name)
+            if match:
+                found.append(Checkpoint(int(match.group(1)), _model_folder(child, layout)))
+                break
+    if not found:
+        raise RelexError(f"{run}: no checkpoints found (expected checkpoint-N/, global_step_N/, "
+                         "global_stepN_hf/, step-N/ or step_N/ folders)")
+    return check_steps(found)
+
+
+def parse_checkpoint_args(pairs: list[str]) -> list[Checkpoint]:
+    """``STEP=PATH`` strings (from ``--checkpoint``) to checkpoints."""
+    out = []
+    for pair in pairs:
+        step, sep, path = pair.partition("=")
+        if not sep or not step.strip().isdigit():
+            raise RelexError(f"--checkpoint {pair!r}: expected STEP=PATH with an integer step")
+        out.append(Checkpoint(int(step), Path(path)))
+    return check_steps(out)
+
+
+def check_steps(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Sort by step and refuse two checkpoints claiming the same step or a step below 1."""
+    by_step: dict[int, Checkpoint] = {}
+    for ckpt in checkpoints:
+        if ckpt.step < 1:
+            raise RelexError(f"{ckpt.path}: step {ckpt.step} must be >= 1 (the base is step 0)")
+        if ckpt.step in by_step:
+            raise RelexError(f"{ckpt.path}: step {ckpt.step} is also claimed by {by_step[ckpt.step].path}")
+        if not ckpt.path.is_dir():
+            raise RelexError(f"{ckpt.path}: checkpoint folder not found")
+        by_step[ckpt.step] = ckpt
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,107 @@
+"""A base model plus the checkpoints of one run: the input of every method."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relex.errors import RelexError
+from relex.trajectory.discover import Checkpoint, check_steps, discover_checkpoints, parse_checkpoint_args
+from relex.trajectory.reader import CheckpointReader, TensorSpec
+
+log = logging.getLogger(__name__)
+
+TIED_HEAD = "lm_head.weight"
+
+
+@dataclass
+class Trajectory:
+    """theta_0 (``base``) and the saved checkpoints theta_t, ordered by their real step number."""
+
+    base: Path
+    checkpoints: list[Checkpoint]
+    allow_pickle: bool = False
+    _readers: dict[Path, CheckpointReader] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def discover(cls, base: str | Path, run: str | Path | None = None,
+                 checkpoints: list[str] | dict[int, str | Path] | None = None,
+                 allow_pickle: bool = False) -> "Trajectory":
+        """Checkpoints found under ``run``, or named explicitly as ``{step: path}`` / ``["STEP=PATH"]``."""
+        if checkpoints:
+            if isinstance(checkpoints, dict):
+                found = check_steps([Checkpoint(int(s), Path(p)) for s, p in checkpoints.items()])
+            else:
+                found = parse_checkpoint_args(list(checkpoints))
+        elif run is not None:
+            found = discover_checkpoints(Path(run))
+        else:
+            raise RelexError("give a run folder (--run) or checkpoints (--checkpoint STEP=PATH)")
+        base = Path(base)
+        if not base.is_dir():
+            raise RelexError(f"{base}: base model folder not found")
+        return cls(base, found, allow_pickle)
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def observed(self, cutoff: int | None) -> "Trajectory":
+        """The checkpoints with step <= cutoff; a line needs at least two of them."""
+        if cutoff is None:
+            kept = list(self.checkpoints)
+        else:
+            if cutoff < self.steps[0]:
+                raise RelexError(f"cutoff {cutoff} is below the first checkpoint step {self.steps[0]}")
+            kept = [c for c in self.checkpoints if c.step <= cutoff]
+        if len(kept) < 2:
+            raise RelexError(f"only {len(kept)} checkpoint(s) observed up to cutoff {cutoff}: "
+                             "a line needs at least two (steps found: "
+                             f"{', '.join(map(str, self.steps[:8]))}{'...' if len(self.steps) > 8 else ''})")
+        return Trajectory(self.base, kept, self.allow_pickle, self._readers)
+
+    def reader(self, folder: Path) -> CheckpointReader:
+        if folder not in self._readers:
+            self._readers[folder] = CheckpointReader(folder, self.allow_pickle)
+        return self._readers[folder]
+
+    def base_config(self) -> dict:
+        path = self.base / "config.json"
+        if not path.is_file():
+            raise RelexError(f"{self.base}: base model has no config.json")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise RelexError(f"{path}: invalid JSON ({exc})") from None
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        """The tensors every checkpoint must share with the base, checked name by name.
+
+        A tied ``lm_head.weight`` is the embedding: it is dropped wherever it was saved separately.
+        """
+        base = self.reader(self.base)
+        config = self.base_config()
+        tied = config.get("tie_word_embeddings", TIED_HEAD not in base.specs)
+        specs = {n: s for n, s in base.specs.items() if not (tied and n == TIED_HEAD)}
+        for ckpt in self.checkpoints:
+            reader = self.reader(ckpt.path)
+            names = {n for n in reader.specs if not (tied and n == TIED_HEAD)}
+            missing = [n for n in specs if n not in names]
+            if missing:
+                raise RelexError(f"{reader.files[0]}: tensor '{missing[0]}' of the base is missing "
+                                 f"({len(missing)} missing)")
+            extra = sorted(names - specs.keys())
+            if extra:
+                raise RelexError(f"{reader.file_of(extra[0])}: tensor '{extra[0]}' is not in the base")
+            for name, spec in specs.items():
+                other = reader.specs[name]
+                if other.shape != spec.shape:
+                    raise RelexError(f"{reader.file_of(name)}: tensor '{name}' has shape {list(other.shape)}, "
+                                     f"base has {list(spec.shape)}")
+                if other.dtype != spec.dtype:
+                    raise RelexError(f"{reader.file_of(name)}: tensor '{name}' has dtype "
+                                     f"{str(other.dtype).removeprefix('torch.')}, base has "
+                                     f"{str(spec.dtype).removeprefix('torch.')}")
+        return specs
