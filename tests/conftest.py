@@ -48,8 +48,9 @@ def save_pico_model(folder: Path, arch: str = "qwen2", dtype: torch.dtype = torc
 
 
 def drift_run(base: Path, run: Path, steps=STEPS, layout: str = "trl", noise: float = 0.01, seed: int = 1,
-              dtype: torch.dtype | None = None, slope: float = 0.05) -> dict[int, dict[str, torch.Tensor]]:
-    """Checkpoints W_t = W_0 + (slope*t + 0.1) * V + noise*eps_t per tensor; returns them by step."""
+              dtype: torch.dtype | None = None, slope: float = 0.05,
+              offset: float = 0.1) -> dict[int, dict[str, torch.Tensor]]:
+    """Checkpoints W_t = W_0 + (slope*t + offset) * V + noise*eps_t per tensor; returns them by step."""
     gen = torch.Generator().manual_seed(seed)
     w0 = load_file(str(base / "model.safetensors"))
     directions = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in w0.items()}
@@ -58,7 +59,7 @@ def drift_run(base: Path, run: Path, steps=STEPS, layout: str = "trl", noise: fl
         tensors = {}
         for name, t in w0.items():
             noise_t = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-            value = t.double() + (slope * step + 0.1) * directions[name] + noise * noise_t
+            value = t.double() + (slope * step + offset) * directions[name] + noise * noise_t
             tensors[name] = value.to(dtype or t.dtype).contiguous()
         folder = {"trl": run / f"checkpoint-{step}", "verl": run / f"global_step_{step}" / "actor" / "huggingface",
                   "openrlhf": run / f"global_step{step}_hf", "plain": run / f"step_{step}"}[layout]
