@@ -27,7 +27,7 @@ def trajectories(draw, min_t: int = 2, max_t: int = 8):
 
 
 def stats_of(steps: np.ndarray, m: np.ndarray) -> TensorStats:
-    return TensorStats(steps, gram_of(torch.from_numpy(m).float()).numpy())
+    return TensorStats(steps, gram_of(torch.from_numpy(m)).numpy())
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import relex
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
-from relex.materialize.stream import DeltaStream, weighted_sum
+from relex.materialize.stream import DeltaStream
 from relex.methods.base import Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import TensorSpec, Trajectory
@@ -146,10 +146,10 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     stats = cached or stream.stats(name, spec, stack)
     weights = method.weights(stats, targets)
     for r0, r1 in blocks:
-        if stack is None:
-            block_stack, base = stream.read(name, r0, r1)
-        else:
-            block_stack = stack
+        if stack is None or len(blocks) > 1:
+            stack, base = stream.read(name, r0, r1)
+        sums = stream.weighted_sums(stack, base, weights)
+        shape = (r1 - r0,) + spec.shape[1:] if spec.shape else ()
         for j, writer in enumerate(writers):
-            writer.weights.write(name, weighted_sum(block_stack, base, weights[j], dtype))
+            writer.weights.write(name, sums[j].to(dtype).reshape(shape))
     return stats

@@ -1,7 +1,9 @@
 """Read one tensor's delta stack from every observed checkpoint, in row blocks that fit a memory budget.
 
-A block of rows r0:r1 becomes a T x n float32 matrix of deltas W_t - W_0, computed in fp32 from the
-stored dtype (exact for bf16). Only that block and a few per-element temporaries are alive at a time.
+A block of rows r0:r1 becomes a T x n float64 matrix of deltas W_t - W_0. Upcasting bf16, fp16 or
+fp32 to float64 is exact and so is the subtraction: the deltas are the stored values' exact
+differences, and the Gram matrix and weighted sums are reduced in float64. The stack lives in a
+reused buffer (no per-tensor allocation), so memory stays at the budget whatever the model size.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
-from relex.stats.gram import GRAM_CHUNK_ELEMENTS, TensorStats, gram_of
+from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import TensorSpec, Trajectory
 
-FIXED_OVERHEAD = 8 * GRAM_CHUNK_ELEMENTS + (16 << 20)  # Gram chunk temporaries plus slack
+FIXED_OVERHEAD = 16 << 20  # slack for small temporaries
 
 
 class DeltaStream:
@@ -26,10 +28,11 @@ class DeltaStream:
         self.steps = np.array(trajectory.steps, dtype=np.float64)
         self.budget = memory_budget
         self.device = torch.device(device)
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def bytes_per_element(self, spec: TensorSpec, n_outputs: int = 1) -> int:
-        """Live bytes per tensor element: the fp32 stack, fp32 base, read buffers, fp64 sum, output."""
-        return 4 * len(self.readers) + 4 + 2 * spec.dtype.itemsize + 8 + n_outputs * spec.dtype.itemsize
+        """Live bytes per tensor element: the fp64 stack and base, read buffers, fp64 sums, outputs."""
+        return 8 * (len(self.readers) + 1) + 2 * spec.dtype.itemsize + n_outputs * (8 + spec.dtype.itemsize)
 
     def blocks(self, spec: TensorSpec, n_outputs: int = 1) -> list[tuple[int, int]]:
         """Row ranges whose stacks fit the budget (one range when the whole tensor fits)."""
@@ -37,15 +40,23 @@ class DeltaStream:
         rows_per_block = max(1, (self.budget - FIXED_OVERHEAD) // per_row)
         return [(r0, min(r0 + rows_per_block, spec.rows)) for r0 in range(0, spec.rows, rows_per_block)] or [(0, 0)]
 
+    def buffer(self, key: str, rows: int, cols: int) -> torch.Tensor:
+        """A rows x cols float64 view of a buffer that only ever grows: no page faults per tensor."""
+        have = self._buffers.get(key)
+        if have is None or have.numel() < rows * cols:
+            self._buffers.pop(key, None)
+            have = self._buffers[key] = torch.empty(rows * cols, dtype=torch.float64, device=self.device)
+        return have[: rows * cols].view(rows, cols)
+
     def read(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(deltas as a T x n float32 stack, the base block in its stored dtype) for rows r0:r1."""
-        base = self.base.read(name, r0, r1).to(self.device)
-        base32 = base.reshape(-1).to(torch.float32)
-        stack = torch.empty(len(self.readers), base32.numel(), dtype=torch.float32, device=self.device)
+        """(deltas as a T x n float64 stack, the base block as float64, flat) for rows r0:r1."""
+        raw = self.base.read(name, r0, r1)
+        base = self.buffer("base", 1, raw.numel())[0]
+        base.copy_(raw.reshape(-1))
+        stack = self.buffer("stack", len(self.readers), base.numel())
         for i, reader in enumerate(self.readers):
-            row = stack[i]
-            row.copy_(reader.read(name, r0, r1).reshape(-1))
-            row.sub_(base32)
+            stack[i].copy_(reader.read(name, r0, r1).reshape(-1))
+            stack[i].sub_(base)
         return stack, base
 
     def stats(self, name: str, spec: TensorSpec, stack: torch.Tensor | None = None) -> TensorStats:
@@ -53,9 +64,7 @@ class DeltaStream:
         if stack is not None:
             gram = gram_of(stack)
         else:
-            gram = torch.zeros(len(self.readers), len(self.readers), dtype=torch.float64, device=self.device)
-            for r0, r1 in self.blocks(spec, n_outputs=0):
-                gram += gram_of(self.read(name, r0, r1)[0])
+            gram = sum(gram_of(self.read(name, r0, r1)[0]) for r0, r1 in self.blocks(spec, n_outputs=0))
         stats = TensorStats(self.steps.copy(), gram.cpu().numpy())
         self._check_finite(name, spec, stats)
         return stats
@@ -70,11 +79,9 @@ class DeltaStream:
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
-
-def weighted_sum(stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """W_0 + sum_t weights[t] * Delta_t, summed in float64 and cast once to ``dtype``."""
-    acc = base.reshape(-1).to(torch.float64)
-    for i, w in enumerate(weights):
-        if w != 0.0:
-            acc.add_(stack[i], alpha=float(w))
-    return acc.to(dtype).reshape(base.shape)
+    def weighted_sums(self, stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+        """W_0 + sum_t weights[j, t] Delta_t for every row j of ``weights``, in float64."""
+        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
+        out = self.buffer("sums", w.shape[0], stack.shape[1])
+        torch.mm(w, stack, out=out)
+        return out.add_(base)

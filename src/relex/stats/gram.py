@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-GRAM_CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MB per Gram update
 
 
 @dataclass
@@ -53,11 +52,8 @@ class TensorStats:
 
 
 def gram_of(stack: torch.Tensor) -> torch.Tensor:
-    """G = M M^T of a T x n float32 stack, products and sums in float64, in column chunks."""
-    t, n = stack.shape
-    gram = torch.zeros(t, t, dtype=torch.float64, device=stack.device)
-    chunk = max(1, GRAM_CHUNK_ELEMENTS // max(t, 1))
-    for c0 in range(0, n, chunk):
-        block = stack[:, c0:c0 + chunk].to(torch.float64)
-        gram.addmm_(block, block.T)
-    return gram
+    """G = M M^T of a T x n float64 stack (BLAS syrk through numpy on the CPU, one matmul on a GPU)."""
+    if stack.device.type == "cpu":
+        array = stack.numpy()
+        return torch.from_numpy(array @ array.T)
+    return stack @ stack.T

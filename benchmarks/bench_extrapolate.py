@@ -1,0 +1,152 @@
+"""Benchmark ``relex extrapolate`` on a synthetic bf16 run with a real model's tensor shapes.
+
+Generates base + T checkpoints (rank-1 linear drift plus noise) in a scratch folder, then for each
+memory budget runs ``cat`` over the same input files and ``relex extrapolate`` as subprocesses,
+reporting wall time, the ratio to ``cat``, and peak memory: RssAnon (the process's own memory, which
+the budget bounds) and total RSS (which also counts touched pages of memory-mapped input files).
+Prints a table and writes JSON. Not a test: numbers depend on the machine.
+
+    python benchmarks/bench_extrapolate.py --model small
+    python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import save_file
+
+MODELS = {
+    # name: (vocab, hidden, layers, intermediate, heads, kv_heads, tied)
+    "small": (32000, 512, 8, 1408, 8, 2, True),
+    "qwen2.5-0.5b": (151936, 896, 24, 4864, 14, 2, True),
+}
+
+
+def model_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    vocab, hidden, layers, inter, heads, kv, _ = MODELS[name]
+    head_dim = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                   p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
+                   p + "self_attn.k_proj.weight": (kv * head_dim, hidden), p + "self_attn.k_proj.bias": (kv * head_dim,),
+                   p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.v_proj.bias": (kv * head_dim,),
+                   p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter)}
+    return shapes
+
+
+def generate(folder: Path, model: str, steps: list[int]) -> int:
+    """Write base/ and run/checkpoint-N/ in bf16; returns the number of parameters."""
+    vocab, hidden, layers, inter, heads, kv, tied = MODELS[model]
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
+              "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "tie_word_embeddings": tied,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "dtype": "bfloat16"}
+    gen = torch.Generator().manual_seed(0)
+    shapes = model_shapes(model)
+    base = {n: (0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16) for n, s in shapes.items()}
+    direction = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in shapes.items()}
+    pool = {n: torch.randn(t.numel() + len(steps), generator=gen).to(torch.bfloat16) for n, t in base.items()}
+    for sub, tensors in [("base", base)] + [(f"run/checkpoint-{s}", None) for s in steps]:
+        out = folder / sub
+        out.mkdir(parents=True)
+        if tensors is None:
+            step = int(sub.rsplit("-", 1)[1])
+            tensors = {n: (t.float() + 2e-4 * step * direction[n].float()
+                           + 5e-4 * pool[n][step:step + t.numel()].float().view(t.shape)).to(torch.bfloat16)
+                       for n, t in base.items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config))
+    return sum(t.numel() for t in base.values())
+
+
+def measure(cmd: list[str]) -> dict:
+    """Wall time and peak memory (RssAnon and RSS, sampled every 20 ms) of a subprocess."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = {"rss": 0, "anon": 0}
+
+    def sample() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+                peak["rss"] = max(peak["rss"], int(fields["VmRSS"].split()[0]) * 1024)
+                peak["anon"] = max(peak["anon"], int(fields["RssAnon"].split()[0]) * 1024)
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    _, err = proc.communicate()
+    thread.join()
+    if proc.returncode:
+        raise SystemExit(f"{cmd[0]} failed: {err.decode()[-2000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_rss": peak["rss"], "peak_anon": peak["anon"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--checkpoints", type=int, default=16, help="T, the number of observed checkpoints")
+    parser.add_argument("--budget", action="append", help="memory budgets to run (default: 2GB and 256MB)")
+    parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
+    args = parser.parse_args()
+    budgets = args.budget or ["2GB", "256MB"]
+    scratch = Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
+    try:
+        steps = list(range(1, args.checkpoints + 1))
+        t0 = time.perf_counter()
+        params = generate(scratch, args.model, steps)
+        print(f"generated {args.model}: {params / 1e6:.1f}M params, bf16, {len(steps)} checkpoints "
+              f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        files = [str(scratch / "base" / "model.safetensors")] + [
+            str(scratch / "run" / f"checkpoint-{s}" / "model.safetensors") for s in steps]
+        input_bytes = sum(os.path.getsize(f) for f in files)
+        rows = []
+        for budget in budgets:
+            cat = measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
+            out = scratch / f"out-{budget}"
+            run = measure([sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"),
+                           "--run", str(scratch / "run"), "--target", str(4 * len(steps)), "--out", str(out),
+                           "--memory-budget", budget, "--no-cache", "-q"])
+            shutil.rmtree(out)
+            rows.append({"model": args.model, "params": params, "checkpoints": len(steps), "budget": budget,
+                         "input_bytes": input_bytes, "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
+                         "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
+                         "peak_rss_bytes": run["peak_rss"]})
+        print(f"{'model':14} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} {'ratio':>6} "
+              f"{'peak anon':>10} {'peak rss':>10}")
+        for r in rows:
+            print(f"{r['model']:14} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G {r['cat_seconds']:>7.2f} "
+                  f"{r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} {r['peak_anon_bytes'] / 1e6:>9.0f}M "
+                  f"{r['peak_rss_bytes'] / 1e6:>9.0f}M")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                     "memory_bytes": psutil.virtual_memory().total},
+                                         "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
