@@ -31,8 +31,8 @@ class DeltaStream:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def bytes_per_element(self, spec: TensorSpec, n_outputs: int = 1) -> int:
-        """Live bytes per tensor element: the fp64 stack and base, read buffers, fp64 sums, outputs."""
-        return 8 * (len(self.readers) + 1) + 2 * spec.dtype.itemsize + n_outputs * (8 + spec.dtype.itemsize)
+        """Live bytes per tensor element: the fp64 stack and base, the read buffer, fp64 sums, outputs."""
+        return 8 * (len(self.readers) + 1) + spec.dtype.itemsize + n_outputs * (8 + spec.dtype.itemsize)
 
     def blocks(self, spec: TensorSpec, n_outputs: int = 1) -> list[tuple[int, int]]:
         """Row ranges whose stacks fit the budget (one range when the whole tensor fits)."""
@@ -40,22 +40,28 @@ class DeltaStream:
         rows_per_block = max(1, (self.budget - FIXED_OVERHEAD) // per_row)
         return [(r0, min(r0 + rows_per_block, spec.rows)) for r0 in range(0, spec.rows, rows_per_block)] or [(0, 0)]
 
-    def buffer(self, key: str, rows: int, cols: int) -> torch.Tensor:
-        """A rows x cols float64 view of a buffer that only ever grows: no page faults per tensor."""
+    def buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
+               device: torch.device | None = None) -> torch.Tensor:
+        """A view of a reused buffer that only ever grows: no allocation or page faults per tensor."""
+        numel = 1
+        for d in shape:
+            numel *= d
         have = self._buffers.get(key)
-        if have is None or have.numel() < rows * cols:
+        if have is None or have.numel() < numel:
             self._buffers.pop(key, None)
-            have = self._buffers[key] = torch.empty(rows * cols, dtype=torch.float64, device=self.device)
-        return have[: rows * cols].view(rows, cols)
+            have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
+        return have[:numel].view(shape)
 
     def read(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(deltas as a T x n float64 stack, the base block as float64, flat) for rows r0:r1."""
-        raw = self.base.read(name, r0, r1)
-        base = self.buffer("base", 1, raw.numel())[0]
-        base.copy_(raw.reshape(-1))
-        stack = self.buffer("stack", len(self.readers), base.numel())
+        spec = self.base.specs[name]
+        raw = self.buffer("raw", ((r1 - r0) * spec.row_numel * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
+        block = self.base.read(name, r0, r1, raw).reshape(-1)
+        base = self.buffer("base", (block.numel(),))
+        base.copy_(block)
+        stack = self.buffer("stack", (len(self.readers), block.numel()))
         for i, reader in enumerate(self.readers):
-            stack[i].copy_(reader.read(name, r0, r1).reshape(-1))
+            stack[i].copy_(reader.read(name, r0, r1, raw).reshape(-1))
             stack[i].sub_(base)
         return stack, base
 
@@ -82,6 +88,6 @@ class DeltaStream:
     def weighted_sums(self, stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         """W_0 + sum_t weights[j, t] Delta_t for every row j of ``weights``, in float64."""
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
-        out = self.buffer("sums", w.shape[0], stack.shape[1])
+        out = self.buffer("sums", (w.shape[0], stack.shape[1]))
         torch.mm(w, stack, out=out)
         return out.add_(base)

@@ -1,13 +1,17 @@
 """Lazy, per-tensor access to one model folder's weights (safetensors, sharded or not; pickle on request).
 
-Nothing is loaded up front: headers are parsed, and a tensor (or a block of its rows) is read from the
-memory-mapped file only when asked for, so memory never scales with the size of a checkpoint.
+Nothing is loaded up front: headers are parsed (and each file validated by safetensors' own
+``safe_open``), and a tensor or a block of its rows is read only when asked for, with ``preadv`` into a
+caller's reusable buffer. Plain reads run at ``cat`` speed, where first touches of memory-mapped pages
+cost a page fault each (expensive in VMs) and count toward the process's resident memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,67 +83,96 @@ def _read_json(path: Path) -> dict:
         raise RelexError(f"{path}: cannot read JSON ({exc})") from None
 
 
+@dataclass(frozen=True)
+class _Location:
+    """Where a tensor's bytes are: file and absolute byte offset of its first element."""
+
+    file: Path
+    offset: int
+
+
 class CheckpointReader:
     """Tensor names, specs and row-block reads for one model folder."""
 
     def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
         self.folder = Path(folder)
         self.files = weight_files(self.folder, allow_pickle)
-        self._handles: dict[Path, object] = {}
-        self._where: dict[str, Path] = {}
+        self._pickles: dict[Path, dict] = {}
+        self._fds: dict[Path, int] = {}
+        self._where: dict[str, _Location] = {}
         self.specs: dict[str, TensorSpec] = {}
         for file in self.files:
-            for name, spec in self._scan(file).items():
+            scan = self._scan_pickle(file) if file.suffix == ".bin" else self._scan_safetensors(file)
+            for name, (spec, offset) in scan.items():
                 if name in self._where:
-                    raise RelexError(f"{file}: tensor '{name}' also stored in {self._where[name]}")
-                self._where[name] = file
+                    raise RelexError(f"{file}: tensor '{name}' also stored in {self._where[name].file}")
+                self._where[name] = _Location(file, offset)
                 self.specs[name] = spec
 
-    def _scan(self, file: Path) -> dict[str, TensorSpec]:
-        if file.suffix == ".bin":
-            state = self._open(file)
-            return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
-        handle = self._open(file)
-        specs = {}
-        for name in handle.keys():
-            sl = handle.get_slice(name)
-            dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+    def _scan_safetensors(self, file: Path) -> dict[str, tuple[TensorSpec, int]]:
+        if not file.is_file():
+            raise RelexError(f"{file}: weight file listed in the index is missing")
+        try:
+            with safe_open(str(file), framework="pt"):  # safetensors' own validation of the whole file
+                pass
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+        except (SafetensorError, OSError, ValueError, struct.error) as exc:
+            raise RelexError(f"{file}: corrupt or truncated weight file ({exc})") from None
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
-                raise RelexError(f"{file}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
-            specs[name] = TensorSpec(tuple(sl.get_shape()), dtype)
-        return specs
+                raise RelexError(f"{file}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+            out[name] = (TensorSpec(tuple(entry["shape"]), dtype), 8 + length + entry["data_offsets"][0])
+        return out
 
-    def _open(self, file: Path):
-        if file not in self._handles:
-            if not file.is_file():
-                raise RelexError(f"{file}: weight file listed in the index is missing")
-            try:
-                if file.suffix == ".bin":
-                    log.warning("loading pickle checkpoint %s with weights_only=True", file)
-                    self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                else:
-                    self._handles[file] = safe_open(str(file), framework="pt")
-            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
-                raise RelexError(f"{file}: corrupt or truncated weight file ({exc})") from None
-        return self._handles[file]
+    def _scan_pickle(self, file: Path) -> dict[str, tuple[TensorSpec, int]]:
+        log.warning("loading pickle checkpoint %s with weights_only=True", file)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise RelexError(f"{file}: corrupt or truncated weight file ({exc})") from None
+        self._pickles[file] = state
+        return {k: (TensorSpec(tuple(v.shape), v.dtype), 0) for k, v in state.items()}
 
     def file_of(self, name: str) -> Path:
-        return self._where[name]
+        return self._where[name].file
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` of tensor ``name`` in its stored dtype (the whole tensor by default)."""
-        file = self._where[name]
-        handle = self._open(file)
-        try:
-            if file.suffix == ".bin":
-                tensor = handle[name]
-                return tensor if tensor.dim() == 0 else tensor[start:stop]
-            sl = handle.get_slice(name)
-            if not sl.get_shape():
-                return handle.get_tensor(name)
-            return sl[start:stop]
-        except SafetensorError as exc:
-            raise RelexError(f"{file}: cannot read tensor '{name}' ({exc})") from None
+    def read(self, name: str, start: int = 0, stop: int | None = None,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` in its stored dtype (the whole tensor by default).
+
+        With ``buffer`` (uint8, large enough) the bytes land there and the result is a view of it.
+        """
+        where, spec = self._where[name], self.specs[name]
+        stop = spec.rows if stop is None else min(stop, spec.rows)
+        if where.file in self._pickles:
+            tensor = self._pickles[where.file][name]
+            return tensor if tensor.dim() == 0 else tensor[start:stop]
+        row_bytes = spec.row_numel * spec.dtype.itemsize
+        count = max(stop - start, 0) * row_bytes
+        raw = buffer[:count] if buffer is not None else torch.empty(count, dtype=torch.uint8)
+        if count and os.preadv(self._fd(where.file), [raw.numpy()], where.offset + start * row_bytes) != count:
+            raise RelexError(f"{where.file}: tensor '{name}' is truncated")
+        shape = spec.shape and (stop - start,) + spec.shape[1:]
+        return raw.view(spec.dtype).reshape(shape)
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     def fingerprint(self) -> list[list]:
         """(file, size, mtime) of each weight file: tells a stale statistics cache from a valid one."""
