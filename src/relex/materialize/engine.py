@@ -20,7 +20,7 @@ import relex
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
 from relex.materialize.stream import DeltaStream
-from relex.methods.base import Method
+from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import TensorSpec, Trajectory
 from relex.units import parse_size
@@ -104,7 +104,8 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
         for folder in folders:
             writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
         order = writers[0].order
-        passes = {n: 1 if n in loaded or len(stream.blocks(specs[n], len(targets))) == 1 else 2 for n in order}
+        passes = {n: 1 if n in loaded or isinstance(method, DirectMethod)
+                  or len(stream.blocks(specs[n], len(targets))) == 1 else 2 for n in order}
         total = sum(specs[n].numel * specs[n].dtype.itemsize * (len(trajectory.steps) + 1) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
@@ -140,6 +141,13 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
             for writer in writers:
                 writer.weights.write(name, block.to(dtype))
         return cached or stream.stats(name, spec)
+    if isinstance(method, DirectMethod):  # needs the whole tensor's stack, whatever the budget
+        stack, base = stream.read(name, 0, spec.rows)
+        stats = cached or stream.stats(name, spec, stack)
+        deltas = method.predict_deltas(name, stack.view((-1,) + spec.shape), stats.steps, targets)
+        for writer, delta in zip(writers, deltas):
+            writer.weights.write(name, (delta.reshape(-1) + base).to(dtype).reshape(spec.shape))
+        return stats
     stack = None
     if len(blocks) == 1 and cached is None:
         stack, base = stream.read(name, *blocks[0])

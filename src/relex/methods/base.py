@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+import torch
 
 from relex.stats.gram import TensorStats
 from relex.trajectory import TensorSpec, Trajectory
@@ -54,3 +55,19 @@ class Method(ABC):
         from relex.materialize.engine import extrapolate
 
         return extrapolate(self.trajectory_, self, list(targets), out_dir, **options)
+
+
+class DirectMethod(Method):
+    """A method whose prediction is not a weighted sum of observed deltas (e.g. AlphaRL's per-step SVDs).
+
+    It sees one tensor's whole delta stack at a time (T x shape, float64), so its memory is that of
+    the largest tensor's stack rather than the budget's row blocks.
+    """
+
+    def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
+        raise TypeError(f"{self.name} predicts deltas directly; it has no weights on observed deltas")
+
+    @abstractmethod
+    def predict_deltas(self, name: str, stack: torch.Tensor, steps: np.ndarray,
+                       targets: Sequence[float]) -> torch.Tensor:
+        """Predicted deltas, (len(targets),) + the tensor's shape, float64, from its stack (T x shape)."""
