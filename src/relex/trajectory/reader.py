@@ -95,10 +95,10 @@ class CheckpointReader:
     """Tensor names, specs and row-block reads for one model folder."""
 
     def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
+        self._fds: dict[Path, int] = {}
         self.folder = Path(folder)
         self.files = weight_files(self.folder, allow_pickle)
         self._pickles: dict[Path, dict] = {}
-        self._fds: dict[Path, int] = {}
         self._where: dict[str, _Location] = {}
         self.specs: dict[str, TensorSpec] = {}
         for file in self.files:
