@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--anchor", type=int, default=0, help="two-point: anchor step (default 0, the base)")
     ex.add_argument("--reconstruct", action="store_true",
                     help="write the rank-r reconstruction of the observed checkpoints (Algorithm 1)")
+    for method in METHODS.values():
+        method.add_arguments(ex)
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: input's)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace existing output folders")
@@ -96,12 +98,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     from relex.methods import METHODS
 
     name = "reconstruct" if args.reconstruct else args.method
-    kwargs = {"cutoff": args.cutoff}
-    if name in ("relex", "reconstruct"):
-        kwargs["rank"] = args.rank
-    if name == "two-point":
-        kwargs["anchor"] = args.anchor
-    method = METHODS[name](**kwargs).fit(_trajectory(args))
+    method = METHODS[name].from_args(args).fit(_trajectory(args))
     targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
     folders = method.save(args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                           dtype=args.dtype, **_engine_options(args),

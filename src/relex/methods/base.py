@@ -8,6 +8,7 @@ then ``save`` (or ``weights``) for any targets.
 
 from __future__ import annotations
 
+import argparse
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -34,6 +35,15 @@ class Method(ABC):
     def params(self) -> dict[str, Any]:
         """Constructor parameters, recorded in each output's ``relex.json``."""
         return {"cutoff": self.cutoff}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse._ActionsContainer) -> None:
+        """Add this method's own command-line flags (shared ones: --cutoff, --rank, --anchor)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Method":
+        """Build the method from parsed command-line flags."""
+        return cls(cutoff=args.cutoff)
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         """Refuse targets the method cannot produce (all methods: target must be positive)."""

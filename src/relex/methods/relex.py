@@ -43,6 +43,10 @@ class Relex(Method):
     def params(self) -> dict[str, Any]:
         return {"rank": self.rank, "cutoff": self.cutoff}
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(rank=args.rank, cutoff=args.cutoff)
+
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         values, vectors = kept_components(stats, self.rank)
         out = np.zeros((len(targets), len(stats.steps)))
@@ -67,6 +71,10 @@ class Reconstruct(Method):
 
     def params(self) -> dict[str, Any]:
         return {"rank": self.rank, "cutoff": self.cutoff}
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(rank=args.rank, cutoff=args.cutoff)
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         missing = [t for t in targets if t not in set(observed_steps)]

@@ -27,6 +27,10 @@ class TwoPoint(Method):
     def params(self) -> dict[str, Any]:
         return {"cutoff": self.cutoff, "anchor": self.anchor}
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(cutoff=args.cutoff, anchor=args.anchor)
+
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         steps = [int(s) for s in stats.steps]
         last = steps[-1]
