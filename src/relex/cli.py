@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True, help="output folder; one step-T/ per target")
     ex.add_argument("--method", default="relex", choices=sorted(METHODS), help="extrapolation method")
     ex.add_argument("--rank", type=int, default=1, help="subspace rank for relex/reconstruct (default 1)")
-    ex.add_argument("--anchor", type=int, default=0, help="two-point: anchor step (default 0, the base)")
+    ex.add_argument("--anchor", type=int, default=0,
+                    help="take deltas from the checkpoint at this step instead of the base (default 0)")
     ex.add_argument("--reconstruct", action="store_true",
                     help="write the rank-r reconstruction of the observed checkpoints (Algorithm 1)")
     for method in METHODS.values():

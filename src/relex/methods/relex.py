@@ -13,7 +13,8 @@ import numpy as np
 
 from relex.errors import RelexError
 from relex.methods.base import Method
-from relex.methods.fitting import fit_line
+from relex.methods.anchor import anchored_weights
+from relex.methods.trends import TRENDS, fit_trend
 from relex.stats.gram import TensorStats
 
 # Components with sigma_k^2 below this fraction of sigma_1^2 are numerical noise of the Gram route.
@@ -30,30 +31,45 @@ def kept_components(stats: TensorStats, rank: int) -> tuple[np.ndarray, np.ndarr
 
 
 class Relex(Method):
-    """Rank-r subspace of the observed deltas, each coefficient extrapolated linearly in the step."""
+    """Rank-r subspace of the observed deltas, each coefficient extrapolated by a trend in the step.
+
+    ``trend`` is the paper's ``linear`` by default (see ``relex.methods.trends``); ``anchor`` takes the
+    deltas from an observed checkpoint instead of the base (a window offset).
+    """
 
     name = "relex"
 
-    def __init__(self, rank: int = 1, cutoff: int | None = None) -> None:
+    def __init__(self, rank: int = 1, cutoff: int | None = None, trend: str = "linear", anchor: int = 0) -> None:
         super().__init__(cutoff)
         if rank < 1:
             raise RelexError(f"rank {rank} must be >= 1")
+        if trend not in TRENDS:
+            raise RelexError(f"unknown trend {trend!r}: choose one of {', '.join(TRENDS)}")
         self.rank = rank
+        self.trend = trend
+        self.anchor = anchor
 
     def params(self) -> dict[str, Any]:
-        return {"rank": self.rank, "cutoff": self.cutoff}
+        return {"rank": self.rank, "cutoff": self.cutoff, "trend": self.trend, "anchor": self.anchor}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--trend", default="linear", choices=sorted(TRENDS),
+                            help="relex: trend family of the coefficients (default linear, as the paper)")
 
     @classmethod
     def from_args(cls, args):
-        return cls(rank=args.rank, cutoff=args.cutoff)
+        return cls(rank=args.rank, cutoff=args.cutoff, trend=args.trend, anchor=args.anchor)
 
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
+        return anchored_weights(stats, targets, self.anchor, self._weights)
+
+    def _weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         values, vectors = kept_components(stats, self.rank)
         out = np.zeros((len(targets), len(stats.steps)))
         for k in range(values.size):
             sigma = np.sqrt(values[k])
-            slope, intercept = fit_line(stats.steps, sigma * vectors[:, k])
-            predicted = slope * np.asarray(targets, dtype=np.float64) + intercept
+            predicted = fit_trend(self.trend, stats.steps, sigma * vectors[:, k])(np.asarray(targets, dtype=np.float64))
             out += np.outer(predicted / sigma, vectors[:, k])
         return out
 

@@ -1,0 +1,55 @@
+"""Trend families for a coefficient trajectory c(t), fit by least squares on the real step numbers.
+
+``linear`` is the paper's choice. ``quadratic`` and ``power`` (c = a t^p + b, p on a grid) are the
+alternatives a backtest can choose between when a run's deltas grow sub- or super-linearly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from relex.errors import RelexError
+from relex.methods.fitting import fit_line
+
+Trend = Callable[[np.ndarray], np.ndarray]
+POWER_GRID = np.round(np.arange(0.1, 2.01, 0.05), 2)
+
+
+def _linear(t: np.ndarray, y: np.ndarray) -> Trend:
+    a, b = fit_line(t, y)
+    return lambda x: a * np.asarray(x, dtype=np.float64) + b
+
+
+def _quadratic(t: np.ndarray, y: np.ndarray) -> Trend:
+    if len(t) < 3:
+        return _linear(t, y)
+    scale = t.max()
+    coef = np.polyfit(t / scale, y, 2)
+    return lambda x: np.polyval(coef, np.asarray(x, dtype=np.float64) / scale)
+
+
+def _power(t: np.ndarray, y: np.ndarray) -> Trend:
+    """c = a t^p + b: a least-squares line in t^p for each p of a grid, keeping the best p."""
+    scale = t.max()
+    best = None
+    for p in POWER_GRID:
+        x = (t / scale) ** p
+        a, b = fit_line(x, y)
+        sse = float(((a * x + b - y) ** 2).sum())
+        if best is None or sse < best[0] - 1e-15 * max(abs(sse), 1.0):
+            best = (sse, p, a, b)
+    _, p, a, b = best
+    return lambda x: a * (np.asarray(x, dtype=np.float64) / scale) ** p + b
+
+
+TRENDS: dict[str, Callable[[np.ndarray, np.ndarray], Trend]] = {
+    "linear": _linear, "quadratic": _quadratic, "power": _power}
+
+
+def fit_trend(family: str, steps: np.ndarray, values: np.ndarray) -> Trend:
+    """Fit ``family`` to (steps, values); returns the fitted function of the step."""
+    if family not in TRENDS:
+        raise RelexError(f"unknown trend {family!r}: choose one of {', '.join(TRENDS)}")
+    return TRENDS[family](np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64))
