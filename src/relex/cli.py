@@ -59,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: input's)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    ex.add_argument("--auto", action="store_true",
+                    help="choose trend, window offset and rank by backtest; refuse targets beyond its safe horizon")
+    ex.add_argument("--max-error", type=float, default=0.5,
+                    help="--auto: largest backtest relative error counted as safe (default 0.5)")
+    ex.add_argument("--clip", action="store_true", help="--auto: clip targets to the safe horizon instead of refusing")
+    ex.add_argument("--force", action="store_true", help="--auto: write targets beyond the safe horizon anyway")
     ex.set_defaults(func=cmd_extrapolate)
+
+    bt = sub.add_parser("backtest", help="fit on prefixes of the window, score predictions of its last checkpoint")
+    _add_io(bt)
+    bt.add_argument("--json", type=Path, help="write all rows as JSON")
+    bt.add_argument("--plot", type=Path, help="write a PNG of error against horizon")
+    bt.add_argument("--max-error", type=float, default=0.5, help="relative error counted as safe (default 0.5)")
+    bt.set_defaults(func=cmd_backtest)
 
     an = sub.add_parser("analyze", help="rank-1 share and linear-fit quality of every tensor's trajectory")
     _add_io(an)
@@ -98,12 +111,25 @@ def _engine_options(args: argparse.Namespace) -> dict:
 def cmd_extrapolate(args: argparse.Namespace) -> int:
     from relex.methods import METHODS
 
-    name = "reconstruct" if args.reconstruct else args.method
-    method = METHODS[name].from_args(args).fit(_trajectory(args))
-    targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
+    run_info = {"run": str(args.run) if args.run else None}
+    if args.auto:
+        from relex.analysis.auto import auto_method
+        from relex.materialize import compute_stats
+
+        if not args.target:
+            raise RelexError("--auto needs at least one --target")
+        observed = _trajectory(args).observed(args.cutoff)
+        stats = compute_stats(observed, **_engine_options(args))
+        method, targets, run_info["auto"] = auto_method(stats, args.target, args.cutoff, max_error=args.max_error,
+                                                         force=args.force, clip=args.clip)
+        log.info("--auto chose %s: %s", run_info["auto"]["chosen"], run_info["auto"]["reason"])
+        method.fit(observed)
+    else:
+        name = "reconstruct" if args.reconstruct else args.method
+        method = METHODS[name].from_args(args).fit(_trajectory(args))
+        targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
     folders = method.save(args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype, **_engine_options(args),
-                          run_info={"run": str(args.run) if args.run else None})
+                          dtype=args.dtype, **_engine_options(args), run_info=run_info)
     if not args.quiet:
         for folder in folders:
             print(folder)
@@ -112,6 +138,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from relex.analysis import alignment, summarize, tensor_metrics
+    from relex.analysis.backtest import HORIZONS, MIN_PREFIX, backtest, choose, safe_horizon
+    from relex.analysis.diagnostics import diagnose, verdict
     from relex.materialize import compute_stats
     from relex.methods import Relex
 
@@ -125,12 +153,57 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     metrics = [tensor_metrics(n, specs[n].numel, obs_stats[n]) for n in specs]
     report = {"observed_steps": observed.steps, "summary": summarize(metrics),
               "tensors": [m.as_dict() for m in metrics]}
+    report["diagnostics"] = diagnose(obs_stats)
+    rows = backtest(obs_stats) if len(observed.steps) >= 2 * MIN_PREFIX else []
+    horizon = safe_horizon(rows, choose(rows, HORIZONS[-1])) if rows else None
+    report["verdict"] = verdict(report["diagnostics"], horizon)
     if later:
         report["alignment"] = alignment(Relex(rank=1), stats, observed.steps, later)
     _print_analysis(report, args.worst)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     return 0
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from relex.analysis.backtest import backtest, safe_horizon
+    from relex.materialize import compute_stats
+
+    observed = _trajectory(args).observed(args.cutoff)
+    rows = backtest(compute_stats(observed, **_engine_options(args)))
+    if not rows:
+        raise RelexError(f"{len(observed.steps)} observed checkpoints are too few to backtest (need 3 at or before "
+                         "cutoff/1.5)")
+    safe = {label: safe_horizon(rows, label, args.max_error) for label in dict.fromkeys(r["setting"] for r in rows)}
+    _print_backtest(rows, safe)
+    if args.json:
+        args.json.write_text(json.dumps({"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe},
+                                        indent=2, default=_json_default) + "\n")
+    if args.plot:
+        from relex.analysis.plots import plot_backtest
+
+        plot_backtest(rows, args.plot)
+    return 0
+
+
+def _print_backtest(rows: list[dict], safe: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    horizons = sorted({r["horizon"] for r in rows})
+    table = Table(title="Backtest: relative error ||pred - real|| / ||real - W_0|| of the last observed checkpoint, "
+                        "predicted from the prefix at cutoff/h (in brackets: error / error of stopping)")
+    table.add_column("setting")
+    for h in horizons:
+        table.add_column(f"h={h:g}", justify="right")
+    table.add_column("safe", justify="right")
+    for label, horizon in safe.items():
+        cells = []
+        for h in horizons:
+            row = next((r for r in rows if r["setting"] == label and r["horizon"] == h), None)
+            cells.append(f"{row['relative_error']:.3f} ({row['error_vs_stay']:.2f})" if row else "-")
+        table.add_row(label, *cells, f"{horizon:g}x")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def _json_default(value):
@@ -166,6 +239,16 @@ def _print_analysis(report: dict, worst: int) -> None:
             detail.add_row(t["name"], f"{t['numel']:,}", f"{t['explained_var_rank1']:.4f}", f"{t['r2_linear']:.4f}",
                            f"{t['slope']:.3g}", f"{t['intercept']:.3g}", f"{t['delta_norm']:.4g}")
         console.print(detail)
+    diag = report["diagnostics"]
+    checks = Table(title="Diagnostics against a random walk of the same steps (median over tensors)")
+    for col in ("diagnostic", "this run", "random walk (mean +- std)"):
+        checks.add_column(col, justify="left" if col == "diagnostic" else "right")
+    for key, value in diag["median"].items():
+        null = diag["random_walk"][key]
+        checks.add_row(key.replace("_", " "), f"{value:.4f}", f"{null['mean']:.4f} +- {null['std']:.4f}")
+    checks.add_row("growth exponent, whole model", f"{diag['whole_model']['growth_exponent']:.4f}", "0.5")
+    console.print(checks)
+    console.print(f"[bold]Verdict:[/bold] {report['verdict']}")
     if "alignment" in report:
         align = Table(title="RELEX (rank 1) against the real later checkpoints")
         for col in ("step", "mean cosine", "mean norm ratio", "relative error"):

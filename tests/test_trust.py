@@ -1,0 +1,129 @@
+"""Diagnostics, backtest and --auto on synthetic trajectories with known structure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import drift_run, save_pico_model
+from relex import Relex, Trajectory, compute_stats
+from relex.analysis.auto import auto_method
+from relex.analysis.backtest import backtest, choose, default_settings, safe_horizon
+from relex.analysis.diagnostics import diagnose, verdict
+from relex.cli import main
+from relex.errors import RelexError
+from relex.stats import TensorStats
+
+STEPS = np.arange(1, 41, dtype=np.float64)
+
+
+def trajectory(kind: str, seed: int = 0, d: int = 300) -> np.ndarray:
+    """T x d deltas: a straight drift, a sqrt-growing drift, a turning direction, or a random walk."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal(d), rng.standard_normal(d)
+    noise = 0.02 * rng.standard_normal((len(STEPS), d))
+    if kind == "linear":
+        return 0.1 * np.outer(STEPS, a) + noise
+    if kind == "sqrt":
+        return np.outer(np.sqrt(STEPS), a) + noise
+    if kind == "rotating":
+        angle = STEPS / STEPS[-1] * np.pi / 2
+        return 0.1 * STEPS[:, None] * (np.cos(angle)[:, None] * a + np.sin(angle)[:, None] * b)
+    return np.cumsum(rng.standard_normal((len(STEPS), d)), axis=0)
+
+
+def stats_of(kind: str) -> dict[str, TensorStats]:
+    return {f"t{i}": TensorStats(STEPS, (m := trajectory(kind, seed=i)) @ m.T) for i in range(3)}
+
+
+def test_diagnostics_tell_the_four_kinds_apart():
+    diag = {k: diagnose(stats_of(k)) for k in ("linear", "sqrt", "rotating", "walk")}
+    growth = {k: d["whole_model"]["growth_exponent"] for k, d in diag.items()}
+    assert growth["linear"] == pytest.approx(1.0, abs=0.05) and growth["sqrt"] == pytest.approx(0.5, abs=0.05)
+    assert growth["walk"] < 0.7
+    null = diag["walk"]["random_walk"]
+    assert null["rank1_share"]["mean"] == pytest.approx(0.81, abs=0.03)  # the random walk's known scores
+    assert null["r2_linear"]["mean"] == pytest.approx(0.96, abs=0.02)
+    walk = diag["walk"]["median"]
+    assert abs(walk["r2_linear"] - null["r2_linear"]["mean"]) < 4 * null["r2_linear"]["std"] + 0.02
+    assert diag["linear"]["median"]["path_efficiency"] > 0.9 > 0.3 > diag["walk"]["median"]["path_efficiency"]
+    assert diag["rotating"]["median"]["direction_drift_cos"] < 0.9 < diag["linear"]["median"]["direction_drift_cos"]
+    assert "like a random walk" in verdict(diag["walk"], 1.0) and "no extrapolation" in verdict(diag["walk"], 1.0)
+    assert "grows linearly" in verdict(diag["linear"], 4.0) and "4x" in verdict(diag["linear"], 4.0)
+
+
+@pytest.mark.parametrize("kind, allowed", [("linear", {"relex linear", "relex power", "relex linear, rank 2"}),
+                                           ("sqrt", {"relex power"})])
+def test_auto_chooses_the_right_family(kind, allowed):
+    """A straight drift keeps a line (power with p near 1 is the same curve); sqrt growth takes the power law."""
+    rows = backtest(stats_of(kind))
+    label = choose(rows, 2.0)
+    assert label in allowed
+    assert safe_horizon(rows, label) >= 4
+
+
+def test_auto_takes_a_later_window_for_a_turning_direction_and_refuses_a_random_walk():
+    rows = backtest(stats_of("rotating"))
+    assert "anchor@50%" in choose(rows, 2.0)
+    walk = backtest(stats_of("walk"))
+    assert safe_horizon(walk, choose(walk, 2.0)) == 1.0
+    with pytest.raises(RelexError, match="beyond the 1x the backtest supports"):
+        auto_method(stats_of("walk"), [80], cutoff=None)
+    method, targets, record = auto_method(stats_of("walk"), [80], cutoff=None, force=True)
+    assert targets == [80] and record["forced"]
+
+
+def test_backtest_errors_from_gram_equal_errors_from_weights():
+    m = trajectory("sqrt", d=50)
+    stats = TensorStats(STEPS, m @ m.T)
+    rows = backtest({"w": stats})
+    for row in rows[:12]:
+        setting = next(s for s in default_settings() if s.label == row["setting"])
+        prefix = [int(s) for s in STEPS if s <= row["prefix_end"]]
+        w = setting.build(prefix).weights(stats.subset(prefix), [row["target"]])[0]
+        pred, real = w @ m[: len(prefix)], m[row["target"] - 1]
+        stay = m[len(prefix) - 1]
+        assert row["relative_error"] == pytest.approx(np.linalg.norm(pred - real) / np.linalg.norm(real), rel=1e-8)
+        assert row["error_vs_stay"] == pytest.approx(np.linalg.norm(pred - real) / np.linalg.norm(stay - real),
+                                                     rel=1e-8)
+        cos = pred @ real / np.linalg.norm(pred) / np.linalg.norm(real)
+        assert row["cosine"] == pytest.approx(cos, rel=1e-8)
+
+
+def test_anchored_relex_on_files_equals_relex_on_deltas_from_the_anchor(tmp_path):
+    """Window offset through the Gram equals fitting RELEX on W_t - W_a directly."""
+    base = save_pico_model(tmp_path / "base")
+    ckpts = drift_run(base, tmp_path / "run", steps=[1, 2, 4, 6, 9, 12], noise=0.05)
+    traj = Trajectory.discover(base, tmp_path / "run")
+    [folder] = Relex(anchor=4).fit(traj).save(tmp_path / "out", [30], cache=False, progress=False)
+    from relex.trajectory import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    name = "model.layers.0.mlp.up_proj.weight"
+    later = [6, 9, 12]
+    m = np.stack([(ckpts[s][name] - ckpts[4][name]).double().numpy().ravel() for s in later])
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    slope, intercept = np.polyfit(later, u[:, 0] * s[0], 1)
+    expected = ckpts[4][name].double().numpy().ravel() + (slope * 30 + intercept) * vt[0]
+    np.testing.assert_allclose(reader.read(name).double().numpy().ravel(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backtest_and_auto_from_the_cli(tmp_path, capsys):
+    base = save_pico_model(tmp_path / "base")
+    drift_run(base, tmp_path / "run", steps=list(range(1, 17)), noise=0.02)
+    io = ["--base", str(base), "--run", str(tmp_path / "run"), "--cutoff", "12", "--cache", str(tmp_path / "c"), "-q"]
+    assert main(["backtest", *io, "--json", str(tmp_path / "bt.json"), "--plot", str(tmp_path / "bt.png")]) == 0
+    data = json.loads((tmp_path / "bt.json").read_text())
+    assert {r["horizon"] for r in data["rows"]} == {1.5, 2.0, 3.0, 4.0}
+    assert (tmp_path / "bt.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["extrapolate", *io, "--auto", "--target", "24", "--out", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "step-24" / "relex.json").read_text())
+    assert meta["auto"]["chosen"] and meta["auto"]["safe_horizon"] >= 2 and meta["auto"]["backtest"]
+    assert main(["extrapolate", *io, "--auto", "--target", "500", "--out", str(tmp_path / "far")]) == 2
+    assert "beyond" in capsys.readouterr().err and not (tmp_path / "far").exists()
+    assert main(["extrapolate", *io, "--auto", "--clip", "--target", "500", "--out", str(tmp_path / "clip")]) == 0
+    [clipped] = list((tmp_path / "clip").iterdir())
+    assert int(clipped.name.removeprefix("step-")) < 500
