@@ -127,3 +127,20 @@ def test_backtest_and_auto_from_the_cli(tmp_path, capsys):
     assert main(["extrapolate", *io, "--auto", "--clip", "--target", "500", "--out", str(tmp_path / "clip")]) == 0
     [clipped] = list((tmp_path / "clip").iterdir())
     assert int(clipped.name.removeprefix("step-")) < 500
+
+
+def test_report_page_with_plots(tmp_path):
+    base = save_pico_model(tmp_path / "base")
+    drift_run(base, tmp_path / "run", steps=list(range(1, 15)), noise=0.02)
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"real": {"1": 0.2, "7": 0.4, "14": 0.5}, "relex": {"14": 0.45}}))
+    out = tmp_path / "report"
+    assert main(["report", "--base", str(base), "--run", str(tmp_path / "run"), "--cutoff", "10", "--no-cache",
+                 "--out", str(out), "--scores", str(scores), "-q"]) == 0
+    text = (out / "report.md").read_text()
+    assert "**Verdict.**" in text and "## Backtest" in text and "against real later checkpoints" in text
+    for png in ("coefficients", "explained_variance", "backtest", "alignment", "accuracy"):
+        assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG" and f"({png}.png)" in text
+    data = json.loads((out / "report.json").read_text())
+    assert [r["step"] for r in data["alignment"]] == [11, 12, 13, 14]
+    assert data["coefficients"][0]["later_steps"] == [11, 12, 13, 14]

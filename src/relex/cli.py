@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also read later checkpoints and report RELEX's alignment with them")
     an.set_defaults(func=cmd_analyze)
 
+    rp = sub.add_parser("report", help="one Markdown page with diagnostics, backtest and plots")
+    _add_io(rp)
+    rp.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and PNGs")
+    rp.add_argument("--scores", type=Path,
+                    help='accuracy by step as JSON: {"real": {"STEP": acc, ...}, "relex": {...}}')
+    rp.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    rp.set_defaults(func=cmd_report)
+
     try:
         from relex.lab.cli import register
     except ImportError:  # the lab needs the [lab] extra (transformers, TRL)
@@ -183,6 +191,22 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         from relex.analysis.plots import plot_backtest
 
         plot_backtest(rows, args.plot)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from relex.analysis.report import write_report
+    from relex.materialize import compute_stats
+    from relex.writer import check_output_free
+
+    check_output_free(args.out, args.overwrite)
+    traj = _trajectory(args)
+    observed = traj.observed(args.cutoff)
+    stats = compute_stats(traj.observed(None), **_engine_options(args))
+    scores = json.loads(args.scores.read_text()) if args.scores else None
+    path = write_report(stats, observed.steps, args.out, scores)
+    if not args.quiet:
+        print(path)
     return 0
 
 

@@ -1,0 +1,116 @@
+"""``relex report``: one Markdown page with the run's diagnostics, backtest and plots (paper Figs. 2-6).
+
+Everything comes from the Gram statistics (computed once, cached): coefficient trajectories with their
+fits, rank-k explained variance, the random-walk comparison, the backtest, and, when the run folder has
+checkpoints after the cutoff, RELEX's alignment with them. Accuracy by step is plotted from a scores file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from relex.analysis import plots
+from relex.analysis.alignment import alignment
+from relex.analysis.backtest import backtest, choose, safe_horizon
+from relex.analysis.diagnostics import diagnose, verdict
+from relex.methods import Relex
+from relex.methods.fitting import fit_line, r_squared
+from relex.stats.gram import TensorStats
+
+MAX_RANK_SHOWN = 5
+
+
+def coefficient_curve(name: str, full: TensorStats, observed: list[int]) -> dict:
+    """c_1 over the observed steps and, when later steps are in ``full``, their projections on v1."""
+    obs = full.subset(observed)
+    values, vectors = obs.spectrum()
+    sigma = np.sqrt(values[0])
+    coeff = sigma * vectors[:, 0]
+    slope, intercept = fit_line(obs.steps, coeff)
+    index = {int(s): i for i, s in enumerate(full.steps)}
+    rows = [index[s] for s in observed]
+    later = [int(s) for s in full.steps if s > observed[-1]]
+    # <Delta_s, v1> = u1^T G[obs, s] / sigma_1
+    later_coeff = [float(vectors[:, 0] @ full.gram[rows, index[s]] / sigma) for s in later]
+    last = later[-1] if later else observed[-1] * 2
+    return {"name": name, "steps": observed, "coefficients": coeff.tolist(), "slope": slope, "intercept": intercept,
+            "r2": r_squared(obs.steps, coeff), "later_steps": later, "later_coefficients": later_coeff,
+            "line_steps": [0, last]}
+
+
+def representative(stats: dict[str, TensorStats], diag: dict, count: int = 4) -> list[str]:
+    """Tensors at the best, median and worst R^2, plus the one that moved most."""
+    per = diag["per_tensor"]
+    ranked = sorted((n for n in per if np.isfinite(per[n]["r2_linear"])), key=lambda n: per[n]["r2_linear"])
+    if not ranked:
+        return []
+    biggest = max(ranked, key=lambda n: stats[n].delta_norms[-1])
+    picks = [ranked[-1], ranked[len(ranked) // 2], ranked[0], biggest]
+    return list(dict.fromkeys(picks))[:count]
+
+
+def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
+                 scores: dict[str, dict[str, float]] | None = None) -> Path:
+    """Write ``report.md``, ``report.json`` and PNGs into ``out_dir``; returns the Markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    obs_stats = {n: s.subset(observed) for n, s in stats.items()}
+    diag = diagnose(obs_stats)
+    rows = backtest(obs_stats)
+    label = choose(rows, 2.0) if rows else None
+    safe = safe_horizon(rows, label) if rows else None
+    later = [int(s) for s in next(iter(stats.values())).steps if s > observed[-1]]
+    align = alignment(Relex(), stats, observed, later) if later else []
+
+    moving = [s for s in obs_stats.values() if s.delta_norms[-1] > 0]
+    spectra = [np.cumsum(s.spectrum()[0]) / s.spectrum()[0].sum() for s in moving]
+    ranks = min(MAX_RANK_SHOWN, len(observed))
+    cumulative = [float(np.median([sp[k] for sp in spectra])) for k in range(ranks)] if spectra else []
+
+    curves = [coefficient_curve(n, stats[n], observed) for n in representative(obs_stats, diag)]
+    plots.plot_coefficients(curves, out_dir / "coefficients.png")
+    plots.plot_explained_variance(cumulative, out_dir / "explained_variance.png")
+    figures = [("Rank-1 coefficients and linear fits", "coefficients.png"),
+               ("Explained variance by rank", "explained_variance.png")]
+    if rows:
+        plots.plot_backtest(rows, out_dir / "backtest.png")
+        figures.append(("Backtest error against horizon", "backtest.png"))
+    if align:
+        plots.plot_alignment(align, out_dir / "alignment.png")
+        figures.append(("Alignment with real later checkpoints", "alignment.png"))
+    if scores:
+        plots.plot_accuracy(scores, observed[-1], out_dir / "accuracy.png")
+        figures.append(("Accuracy by step", "accuracy.png"))
+
+    lines = ["# relex report", "", f"Observed steps: {observed[0]}..{observed[-1]} ({len(observed)} checkpoints); "
+             f"{len(stats)} tensors.", "", f"**Verdict.** {verdict(diag, safe)}", "",
+             "## Diagnostics against a random walk", "", "| diagnostic | this run | random walk |", "|---|---:|---:|"]
+    for key, value in diag["median"].items():
+        null = diag["random_walk"][key]
+        lines.append(f"| {key.replace('_', ' ')} | {value:.4f} | {null['mean']:.4f} ± {null['std']:.4f} |")
+    lines.append(f"| growth exponent (whole model) | {diag['whole_model']['growth_exponent']:.4f} | 0.5 |")
+    lines += ["", "Rank-k explained variance (median cumulative): "
+              + ", ".join(f"k={k + 1}: {v:.4f}" for k, v in enumerate(cumulative)), ""]
+    if rows:
+        lines += ["## Backtest", "", f"Best setting at 2x: **{label}**, safe horizon {safe:g}x.", "",
+                  "| setting | horizon | relative error | error / stopping | cosine | norm ratio |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['setting']} | {r['horizon']:g} | {r['relative_error']:.4f} | {r['error_vs_stay']:.3f} | "
+                  f"{r['cosine']:.4f} | {r['norm_ratio']:.3f} |" for r in rows]
+        lines.append("")
+    if align:
+        lines += ["## RELEX against real later checkpoints", "", "| step | mean cosine | mean norm ratio | "
+                  "relative error |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['mean_cosine']:.4f} | {r['mean_norm_ratio']:.3f} | {r['relative_error']:.4f} |"
+                  for r in align]
+        lines.append("")
+    lines += ["## Figures", ""] + [f"### {title}\n\n![{title}]({file})\n" for title, file in figures]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(
+        {"observed_steps": observed, "verdict": verdict(diag, safe), "diagnostics": {k: v for k, v in diag.items()
+                                                                                     if k != "per_tensor"},
+         "explained_variance_cumulative": cumulative, "backtest": rows, "safe_horizon": safe, "chosen": label,
+         "alignment": align, "coefficients": curves}, indent=2, default=lambda v: None) + "\n")
+    return out_dir / "report.md"
