@@ -1,4 +1,4 @@
-"""Command line: ``relex extrapolate`` and ``relex analyze`` (plus the lab's ``lab`` and ``eval``).
+"""relex: predict the later checkpoints of an RLVR run from its first ones, and check how far to trust it.
 
 Bad input ends with one line on stderr and exit code 2; nothing half-written is left behind.
 """
