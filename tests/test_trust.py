@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
-import torch
+from safetensors.torch import load_file
 
 from conftest import drift_run, save_pico_model
 from relex import Relex, Trajectory, compute_stats
@@ -144,3 +145,27 @@ def test_report_page_with_plots(tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert [r["step"] for r in data["alignment"]] == [11, 12, 13, 14]
     assert data["coefficients"][0]["later_steps"] == [11, 12, 13, 14]
+
+
+def test_backtest_scores_predictions_with_an_evaluator(tmp_path, capsys):
+    """A user's evaluator command scores each evaluated prediction and the real last checkpoint."""
+    base = save_pico_model(tmp_path / "base")
+    drift_run(base, tmp_path / "run", steps=list(range(1, 10)), noise=0.02)
+    script = tmp_path / "score.py"
+    script.write_text("import sys\nfrom safetensors.torch import load_file\n"
+                      "w = load_file(sys.argv[1] + '/model.safetensors')\n"
+                      "print('loaded')\nprint(float(w['model.norm.weight'].double().mean()))\n")
+    report = tmp_path / "bt.json"
+    code = main(["backtest", "--base", str(base), "--run", str(tmp_path / "run"), "--cache", str(tmp_path / "c"),
+                 "-q", "--json", str(report), "--eval-command", f"{sys.executable} {script} {{model}}",
+                 "--eval-settings", "relex linear"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    scored = [r for r in data["rows"] if "accuracy" in r]
+    assert {r["setting"] for r in scored} == {"relex linear"} and len(scored) == len({r["horizon"] for r in data["rows"]})
+    real = float(load_file(str(tmp_path / "run" / "checkpoint-9" / "model.safetensors"))["model.norm.weight"].double().mean())
+    assert data["real"] == {"step": 9, "accuracy": pytest.approx(real)}
+    assert all(abs(r["accuracy"] - real) < 0.05 * abs(real) + 0.05 for r in scored)
+    bad = main(["backtest", "--base", str(base), "--run", str(tmp_path / "run"), "--no-cache", "-q",
+                "--eval-command", f"{sys.executable} -c 'print(1)'"])
+    assert bad == 2 and "{model}" in capsys.readouterr().err

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", type=Path, help="write all rows as JSON")
     bt.add_argument("--plot", type=Path, help="write a PNG of error against horizon")
     bt.add_argument("--max-error", type=float, default=0.5, help="relative error counted as safe (default 0.5)")
+    bt.add_argument("--eval-command", help="score predictions too: a command with {model} that prints a number, "
+                                           "e.g. 'relex eval --task addition {model} --score-only'")
+    bt.add_argument("--eval-settings", default="relex linear,best",
+                    help="settings to score with --eval-command (comma list; 'best' = best per horizon)")
     bt.set_defaults(func=cmd_backtest)
 
     an = sub.add_parser("analyze", help="rank-1 share and linear-fit quality of every tensor's trajectory")
@@ -178,15 +182,26 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     from relex.materialize import compute_stats
 
     observed = _trajectory(args).observed(args.cutoff)
-    rows = backtest(compute_stats(observed, **_engine_options(args)))
+    options = _engine_options(args)
+    rows = backtest(compute_stats(observed, **options))
     if not rows:
         raise RelexError(f"{len(observed.steps)} observed checkpoints are too few to backtest (need 3 at or before "
                          "cutoff/1.5)")
     safe = {label: safe_horizon(rows, label, args.max_error) for label in dict.fromkeys(r["setting"] for r in rows)}
-    _print_backtest(rows, safe)
+    real = None
+    if args.eval_command:
+        from relex.analysis.backtest import choose
+        from relex.analysis.backtest_eval import score_backtest
+
+        wanted = [w.strip() for w in args.eval_settings.split(",")]
+        labels = {w for w in wanted if w != "best"}
+        if "best" in wanted:
+            labels |= {choose([r for r in rows if r["horizon"] == h], h) for h in {r["horizon"] for r in rows}}
+        real = score_backtest(observed, rows, sorted(labels), args.eval_command, options["cache"], options["progress"])
+    _print_backtest(rows, safe, real)
     if args.json:
-        args.json.write_text(json.dumps({"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe},
-                                        indent=2, default=_json_default) + "\n")
+        args.json.write_text(json.dumps({"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe,
+                                         "real": real}, indent=2, default=_json_default) + "\n")
     if args.plot:
         from relex.analysis.plots import plot_backtest
 
@@ -210,7 +225,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_backtest(rows: list[dict], safe: dict[str, float]) -> None:
+def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -225,9 +240,15 @@ def _print_backtest(rows: list[dict], safe: dict[str, float]) -> None:
         cells = []
         for h in horizons:
             row = next((r for r in rows if r["setting"] == label and r["horizon"] == h), None)
-            cells.append(f"{row['relative_error']:.3f} ({row['error_vs_stay']:.2f})" if row else "-")
+            cell = f"{row['relative_error']:.3f} ({row['error_vs_stay']:.2f})" if row else "-"
+            if row and "accuracy" in row:
+                cell += f" acc {row['accuracy']:.3f}"
+            cells.append(cell)
         table.add_row(label, *cells, f"{horizon:g}x")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    if real:
+        console.print(f"Real checkpoint at step {real['step']}: accuracy {real['accuracy']:.4f}")
 
 
 def _json_default(value):

@@ -40,13 +40,20 @@ def anchor_at(steps: list[int], fraction: float) -> int:
     return usable[-1] if usable else 0
 
 
+def _relex_at(steps: list[int], trend: str, fraction: float) -> Relex:
+    anchor = anchor_at(steps, fraction)
+    if fraction > 0 and anchor == 0:
+        raise RelexError(f"window {steps[0]}..{steps[-1]} has no anchor at {fraction:.0%} leaving two steps after it")
+    return Relex(trend=trend, anchor=anchor)
+
+
 def default_settings() -> list[Setting]:
     """The grid the backtest compares: trend x window offset for RELEX rank 1, rank 2, two-point."""
     out = []
     for trend in ("linear", "quadratic", "power"):
         for fraction in (0.0, 0.25, 0.5):
             label = f"relex {trend}" + (f", anchor@{fraction:.0%}" if fraction else "")
-            out.append(Setting(label, lambda steps, t=trend, f=fraction: Relex(trend=t, anchor=anchor_at(steps, f)),
+            out.append(Setting(label, lambda steps, t=trend, f=fraction: _relex_at(steps, t, f),
                                {"method": "relex", "rank": 1, "trend": trend, "anchor_fraction": fraction}))
     out.append(Setting("relex linear, rank 2", lambda steps: Relex(rank=2),
                        {"method": "relex", "rank": 2, "trend": "linear", "anchor_fraction": 0.0}))
