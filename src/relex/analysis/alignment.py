@@ -6,6 +6,8 @@ p = M_obs^T a and a real delta r = Delta_s, <p, r> = a^T G[obs, s], ||p||^2 = a^
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from relex.methods.base import Method
@@ -17,6 +19,8 @@ def alignment(method: Method, stats: dict[str, TensorStats], observed: list[int]
     rows = []
     per_tensor = {}
     for name, full in stats.items():
+        if full.name is None:  # methods may depend on the tensor (e.g. two-point's norms from the cutoff)
+            full = replace(full, name=name)
         index = {int(s): i for i, s in enumerate(full.steps)}
         obs = [index[s] for s in observed]
         weights = method.weights(full.subset(observed), later)

@@ -56,7 +56,7 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
     loaded = store.load(trajectory.steps) if store else None
     if loaded is not None and specs.keys() <= loaded.keys():
         log.info("statistics for %d tensors loaded from %s", len(specs), store.path)
-        return {name: loaded[name] for name in specs}
+        return {name: loaded[name].named(name, spec.shape) for name, spec in specs.items()}
     stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device))
     stats = {}
     with tqdm(total=_read_bytes(specs, len(trajectory.steps)), unit="B", unit_scale=True,
@@ -110,8 +110,9 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
             for name in order:
+                cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
                 stats[name] = _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets,
-                                                  loaded.get(name), writers)
+                                                  cached, writers)
                 bar.update(specs[name].numel * specs[name].dtype.itemsize * (len(trajectory.steps) + 1) * passes[name])
         if store and not loaded:
             store.save(stats, trajectory.steps)

@@ -2,8 +2,10 @@
 
 A block of rows r0:r1 becomes a T x n float64 matrix of deltas W_t - W_0. Upcasting bf16, fp16 or
 fp32 to float64 is exact and so is the subtraction: the deltas are the stored values' exact
-differences, and the Gram matrix and weighted sums are reduced in float64. The stack lives in a
-reused buffer (no per-tensor allocation), so memory stays at the budget whatever the model size.
+differences, and the Gram matrix and weighted sums are reduced in float64. A LoRA checkpoint gives
+its delta B @ A * scale directly (``AdapterReader.read_delta``), never through a rounded W_0 + delta.
+The stack lives in a reused buffer (no per-tensor allocation), so memory stays at the budget whatever
+the model size.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from relex.errors import RelexError
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import TensorSpec, Trajectory
+from relex.trajectory.peft import AdapterReader
 
 FIXED_OVERHEAD = 16 << 20  # slack for small temporaries
 
@@ -61,6 +64,9 @@ class DeltaStream:
         base.copy_(block)
         stack = self.buffer("stack", (len(self.readers), block.numel()))
         for i, reader in enumerate(self.readers):
+            if isinstance(reader, AdapterReader):  # a LoRA checkpoint: its delta comes straight from B @ A
+                stack[i].copy_(reader.read_delta(name, r0, r1).reshape(-1))
+                continue
             stack[i].copy_(reader.read(name, r0, r1, raw).reshape(-1))
             stack[i].sub_(base)
         return stack, base
@@ -71,7 +77,7 @@ class DeltaStream:
             gram = gram_of(stack)
         else:
             gram = sum(gram_of(self.read(name, r0, r1)[0]) for r0, r1 in self.blocks(spec, n_outputs=0))
-        stats = TensorStats(self.steps.copy(), gram.cpu().numpy())
+        stats = TensorStats(self.steps.copy(), gram.cpu().numpy(), name, spec.shape)
         self._check_finite(name, spec, stats)
         return stats
 

@@ -30,7 +30,7 @@ def anchored_weights(stats: TensorStats, targets: Sequence[float], anchor: int,
     change = np.zeros((len(later), len(steps)))
     change[np.arange(len(later)), later] = 1.0
     change[:, a] -= 1.0
-    window = TensorStats(stats.steps[later], change @ stats.gram @ change.T)
+    window = TensorStats(stats.steps[later], change @ stats.gram @ change.T, stats.name, stats.shape)
     out = weights(window, targets) @ change
     out[:, a] += 1.0
     return out

@@ -24,6 +24,7 @@ class Method(ABC):
     """A weight-space extrapolation (or reconstruction) method over the checkpoints up to ``cutoff``."""
 
     name: ClassVar[str]
+    min_checkpoints: ClassVar[int] = 2  # observed checkpoints the method needs (a line: two)
 
     def __init__(self, cutoff: int | None = None) -> None:
         self.cutoff = cutoff
@@ -56,7 +57,7 @@ class Method(ABC):
     # -- estimator API ---------------------------------------------------------------------------
     def fit(self, trajectory: Trajectory) -> "Method":
         """Select the observed checkpoints (step <= cutoff) and validate them against the base."""
-        self.trajectory_ = trajectory.observed(self.cutoff)
+        self.trajectory_ = trajectory.observed(self.cutoff, self.min_checkpoints)
         self.specs_: dict[str, TensorSpec] = self.trajectory_.tensor_specs()
         return self
 

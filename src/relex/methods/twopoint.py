@@ -1,7 +1,9 @@
 """Two-point weight extrapolation (Wang et al., 2026) on real step numbers, in fp32/fp64.
 
 W_T = W_a + (T - a) / (c - a) * (W_c - W_a) for an anchor step a (0 = the base) and the cutoff
-checkpoint c; in deltas from the base that is r * Delta_c + (1 - r) * Delta_a.
+checkpoint c; in deltas from the base that is r * Delta_c + (1 - r) * Delta_a. With
+``norms_from_cutoff`` (the original code's behaviour) norm weights, the 1-D tensors whose name contains
+"norm", are copied from the cutoff checkpoint instead (weight 1 on Delta_c).
 """
 
 from __future__ import annotations
@@ -20,16 +22,31 @@ class TwoPoint(Method):
 
     name = "two-point"
 
-    def __init__(self, cutoff: int | None = None, anchor: int = 0) -> None:
+    def __init__(self, cutoff: int | None = None, anchor: int = 0, norms_from_cutoff: bool = False) -> None:
         super().__init__(cutoff)
         self.anchor = anchor
+        self.norms_from_cutoff = norms_from_cutoff
 
     def params(self) -> dict[str, Any]:
-        return {"cutoff": self.cutoff, "anchor": self.anchor}
+        return {"cutoff": self.cutoff, "anchor": self.anchor, "norms_from_cutoff": self.norms_from_cutoff}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--two-point-norms-from-cutoff", action="store_true",
+                            help="two-point: copy norm weights (1-D, name contains 'norm') from the cutoff "
+                                 "checkpoint instead of extrapolating them, as the original code does")
 
     @classmethod
     def from_args(cls, args):
-        return cls(cutoff=args.cutoff, anchor=args.anchor)
+        return cls(cutoff=args.cutoff, anchor=args.anchor,
+                   norms_from_cutoff=getattr(args, "two_point_norms_from_cutoff", False))
+
+    @staticmethod
+    def is_norm(stats: TensorStats) -> bool:
+        """A norm weight: 1-D (when the shape is known) with "norm" in its name."""
+        if stats.name is None:
+            raise RelexError("two-point norms-from-cutoff needs the tensor's name in its statistics")
+        return "norm" in stats.name and (stats.shape is None or len(stats.shape) == 1)
 
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         steps = [int(s) for s in stats.steps]
@@ -39,6 +56,9 @@ class TwoPoint(Method):
         if self.anchor >= last:
             raise RelexError(f"two-point anchor {self.anchor} must be before the cutoff step {last}")
         out = np.zeros((len(targets), len(steps)))
+        if self.norms_from_cutoff and self.is_norm(stats):
+            out[:, -1] = 1.0
+            return out
         for j, target in enumerate(targets):
             ratio = (target - self.anchor) / (last - self.anchor)
             out[j, -1] += ratio

@@ -8,25 +8,34 @@ closed form, so fits, diagnostics and backtests never need the weights again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 
-
 @dataclass
 class TensorStats:
-    """Gram matrix of one tensor's deltas ``W_t - W_0`` at ``steps`` (all float64)."""
+    """Gram matrix of one tensor's deltas ``W_t - W_0`` at ``steps`` (all float64).
+
+    ``name`` and ``shape`` say which tensor it describes (None when unknown, e.g. in unit tests), for
+    methods whose rule depends on the tensor, such as two-point's norms copied from the cutoff.
+    """
 
     steps: np.ndarray
     gram: np.ndarray
+    name: str | None = None
+    shape: tuple[int, ...] | None = None
 
     def subset(self, steps: list[int] | np.ndarray) -> "TensorStats":
         """The statistics of a subset of the steps (e.g. a shorter cutoff): a sub-block of G."""
         index = {int(s): i for i, s in enumerate(self.steps)}
         idx = np.array([index[int(s)] for s in steps], dtype=np.int64)
-        return TensorStats(self.steps[idx].astype(np.float64), self.gram[np.ix_(idx, idx)])
+        return TensorStats(self.steps[idx].astype(np.float64), self.gram[np.ix_(idx, idx)], self.name, self.shape)
+
+    def named(self, name: str, shape: tuple[int, ...]) -> "TensorStats":
+        """The same statistics tagged with the tensor they describe (e.g. after loading from the cache)."""
+        return replace(self, name=name, shape=tuple(shape))
 
     def spectrum(self) -> tuple[np.ndarray, np.ndarray]:
         """Eigenvalues sigma_k^2 (descending, clipped at 0) and eigenvectors u_k (columns) of G.

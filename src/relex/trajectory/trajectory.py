@@ -9,6 +9,7 @@ from pathlib import Path
 
 from relex.errors import RelexError
 from relex.trajectory.discover import Checkpoint, check_steps, discover_checkpoints, parse_checkpoint_args
+from relex.trajectory.peft import AdapterReader, is_adapter_folder
 from relex.trajectory.reader import CheckpointReader, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ class Trajectory:
     base: Path
     checkpoints: list[Checkpoint]
     allow_pickle: bool = False
-    _readers: dict[Path, CheckpointReader] = field(default_factory=dict, repr=False)
+    _readers: dict[Path, CheckpointReader | AdapterReader] = field(default_factory=dict, repr=False)
 
     @classmethod
     def discover(cls, base: str | Path, run: str | Path | None = None,
@@ -48,23 +49,28 @@ class Trajectory:
     def steps(self) -> list[int]:
         return [c.step for c in self.checkpoints]
 
-    def observed(self, cutoff: int | None) -> "Trajectory":
-        """The checkpoints with step <= cutoff; a line needs at least two of them."""
+    def observed(self, cutoff: int | None, minimum: int = 2) -> "Trajectory":
+        """The checkpoints with step <= cutoff; a line needs at least two of them (ExPO: ``minimum=1``)."""
         if cutoff is None:
             kept = list(self.checkpoints)
         else:
             if cutoff < self.steps[0]:
                 raise RelexError(f"cutoff {cutoff} is below the first checkpoint step {self.steps[0]}")
             kept = [c for c in self.checkpoints if c.step <= cutoff]
-        if len(kept) < 2:
+        if len(kept) < minimum:
+            need = "a line needs at least two" if minimum == 2 else f"at least {minimum} needed"
             raise RelexError(f"only {len(kept)} checkpoint(s) observed up to cutoff {cutoff}: "
-                             "a line needs at least two (steps found: "
+                             f"{need} (steps found: "
                              f"{', '.join(map(str, self.steps[:8]))}{'...' if len(self.steps) > 8 else ''})")
         return Trajectory(self.base, kept, self.allow_pickle, self._readers)
 
-    def reader(self, folder: Path) -> CheckpointReader:
+    def reader(self, folder: Path) -> CheckpointReader | AdapterReader:
+        """The folder's reader: a PEFT LoRA adapter checkpoint reads as deltas of the base's tensors."""
         if folder not in self._readers:
-            self._readers[folder] = CheckpointReader(folder, self.allow_pickle)
+            if folder != self.base and is_adapter_folder(folder):
+                self._readers[folder] = AdapterReader(folder, self.reader(self.base))
+            else:
+                self._readers[folder] = CheckpointReader(folder, self.allow_pickle)
         return self._readers[folder]
 
     def base_config(self) -> dict:

@@ -1,0 +1,221 @@
+"""AlphaRL (Cai et al., ICLR 2026, "On predictability of RL dynamics for LLMs").
+
+Per observed checkpoint t and per 2-D weight, the top singular triplet of Delta_t = W_t - W_0 (viewed
+as a matrix, rows = output features): a_t = s_t u_t, with v_t its right vector. The a_t's signs are
+aligned walking back from the last step (a_t is flipped when its cosine with the already aligned
+a_{t+1} is negative); a one-component PLS regression relates the aligned a_t to a scalar y (the step
+number by default, or measured accuracies), a line maps the PLS score to y, and inverting it at the
+target's y gives a_T. The prediction is W_T = W_0 + a_T v_cut^T with v_cut the last observed
+checkpoint's right vector. The basis is re-derived at every step; that is the difference RELEX's
+shared trajectory basis removes.
+
+Not a weighted sum of observed deltas, so it is a ``DirectMethod``: it sees one tensor's whole stack.
+The triplets come from block subspace iteration in float64 (no full SVD of any Delta_t), warm-started
+from the previous checkpoint's v and stopped on the triplet's residual ||D^T u - s v|| / s.
+
+Scope (as in the original, which only touches the attention and MLP matrices of the decoder layers):
+2-D tensors other than the token embedding and the LM head (the 2-D tensors with a dimension equal to
+the config's ``vocab_size``). Every other tensor (norms, biases, embeddings) keeps its value at the
+cutoff checkpoint, W_cut, as the original's output (built on the loaded cutoff model) does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from relex.errors import RelexError
+from relex.methods.base import DirectMethod
+from relex.methods.pls import PLS1
+from relex.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+BLOCK = 4          # subspace size of the iteration (the top vector converges at sigma_{BLOCK+1} / sigma_1)
+MAX_ITER = 300
+RESIDUAL_TOL = 1e-10
+
+
+def top_singular_triplet(d: torch.Tensor, start: torch.Tensor | None = None, block: int = BLOCK,
+                         max_iter: int = MAX_ITER, tol: float = RESIDUAL_TOL
+                         ) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
+    """(u, s, v, converged) of the largest singular value of the m x n float64 matrix ``d``.
+
+    Block subspace iteration on D^T D with a Rayleigh-Ritz step (the eigenpairs of a k x k Gram);
+    ``start`` (e.g. the previous checkpoint's v) is the first column of the starting block, the rest
+    are seeded random, so results are deterministic. Exact after one or two steps when min(m, n) <= k.
+    A zero matrix gives zeros.
+    """
+    m, n = d.shape
+    zeros = (torch.zeros(m, dtype=d.dtype, device=d.device), 0.0, torch.zeros(n, dtype=d.dtype, device=d.device))
+    k = min(block, m, n)
+    if k == 0 or not bool(torch.any(d != 0)):
+        return (*zeros, True)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=d.device, dtype=d.dtype)
+    if start is not None and bool(torch.any(start != 0)):
+        q[:, 0] = start
+    q = torch.linalg.qr(q).Q
+    converged = False
+    for _ in range(max_iter):
+        b = d @ q                                     # m x k
+        values, vectors = torch.linalg.eigh(b.T @ b)  # Ritz values s^2, ascending
+        s = float(values[-1].clamp(min=0.0).sqrt())
+        if s == 0.0:
+            q = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64).to(q)).Q
+            continue
+        w = vectors[:, -1]
+        v = q @ w
+        u = (b @ w) / s
+        z = d.T @ b                                   # D^T D Q: the residual and the next block
+        residual = float(torch.linalg.vector_norm(z @ w / s - s * v)) / s
+        if residual <= tol:
+            converged = True
+            break
+        q = torch.linalg.qr(z).Q
+    else:
+        if s == 0.0:
+            return (*zeros, False)
+    return u, s, v, converged
+
+
+def align_signs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows a_t with signs aligned from the last one back; also which rows were flipped.
+
+    a_t is flipped when its cosine with the aligned a_{t+1} is negative. A zero row (a tensor that did
+    not move at that step) has no sign: it is skipped, and the row before it compares with the next
+    non-zero one, so one frozen step does not break the chain.
+    """
+    aligned = np.array(a, dtype=np.float64, copy=True)
+    flipped = np.zeros(len(aligned), dtype=bool)
+    reference = aligned[-1] if len(aligned) else None
+    for t in range(len(aligned) - 2, -1, -1):
+        if float(aligned[t] @ reference) < 0:
+            aligned[t] = -aligned[t]
+            flipped[t] = True
+        if aligned[t].any():
+            reference = aligned[t]
+    return aligned, flipped
+
+
+def load_scores(path: str | Path) -> dict[int, float]:
+    """``{"STEP": accuracy, ...}`` from a JSON file, as {int step: float}.
+
+    The ``relex report --scores`` layout, ``{"real": {"STEP": accuracy}, ...}``, is read too (its
+    "real" series: the run's measured accuracies), so one file serves both commands.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RelexError(f"{path}: cannot read scores JSON ({exc})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("real"), dict):
+        raw = raw["real"]
+    if not isinstance(raw, dict):
+        raise RelexError(f"{path}: expected a JSON object mapping step -> accuracy")
+    try:
+        scores = {int(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise RelexError(f"{path}: keys must be integer steps and values numbers") from None
+    bad = [s for s, v in scores.items() if not np.isfinite(v)]
+    if bad:
+        raise RelexError(f"{path}: the score of step {bad[0]} is not finite")
+    return scores
+
+
+class AlphaRL(DirectMethod):
+    """Per-step rank-1 factors, PLS(1) against the step (or accuracy), inverted at the target."""
+
+    name = "alpharl"
+
+    def __init__(self, cutoff: int | None = None, target: str = "step", scores: dict[int, float] | None = None,
+                 pls_scale: bool = True) -> None:
+        super().__init__(cutoff)
+        if target not in ("step", "accuracy"):
+            raise RelexError(f"alpharl target {target!r}: choose 'step' or 'accuracy'")
+        if target == "accuracy" and not scores:
+            raise RelexError("alpharl --alpharl-target accuracy needs --scores FILE (JSON: step -> accuracy)")
+        self.target = target
+        self.scores = {int(k): float(v) for k, v in (scores or {}).items()}
+        self.pls_scale = pls_scale
+        self.vocab_size_: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cutoff": self.cutoff, "target": self.target, "pls_scale": self.pls_scale}
+        if self.target == "accuracy":
+            out["scores"] = {str(k): v for k, v in sorted(self.scores.items())}
+        return out
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--alpharl-target", choices=["step", "accuracy"], default="step",
+                            help="alpharl: regress the rank-1 factors on the step number (default) or on "
+                                 "measured accuracies (needs --scores)")
+        parser.add_argument("--scores", type=Path, metavar="FILE",
+                            help="alpharl: JSON {step: accuracy} for every observed step and every --target "
+                                 "(the target's entry is the accuracy the prediction is inverted at)")
+        parser.add_argument("--alpharl-pls-scale", action=argparse.BooleanOptionalAction,
+                            default=True, help="alpharl: standardize the factors' coordinates in the PLS, as "
+                                               "scikit-learn's default in the original (default: on)")
+
+    @classmethod
+    def from_args(cls, args):
+        path = getattr(args, "scores", None)
+        return cls(cutoff=args.cutoff, target=getattr(args, "alpharl_target", "step"),
+                   scores=load_scores(path) if path else None, pls_scale=getattr(args, "alpharl_pls_scale", True))
+
+    def fit(self, trajectory: Trajectory) -> "AlphaRL":
+        super().fit(trajectory)
+        config = self.trajectory_.base_config()
+        self.vocab_size_ = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        return self
+
+    def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
+        super().check_targets(targets, observed_steps)
+        if self.target != "accuracy":
+            return
+        missing = [s for s in [*observed_steps, *targets] if s not in self.scores]
+        if missing:
+            raise RelexError(f"alpharl --scores has no accuracy for step {missing[0]} (it needs every observed "
+                             "step, and for each --target the accuracy to invert at)")
+        if len({self.scores[s] for s in observed_steps}) < 2:
+            raise RelexError("alpharl: the observed steps' accuracies are all equal; nothing to regress on")
+
+    def in_scope(self, shape: tuple[int, ...]) -> bool:
+        """2-D, and not the embedding or LM head (a dimension equal to the vocabulary size)."""
+        return len(shape) == 2 and (self.vocab_size_ is None or self.vocab_size_ not in shape)
+
+    def factors(self, name: str, stack: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """The a_t (T x m, signs as found) and the last checkpoint's v, for a T x m x n stack."""
+        a = np.zeros(stack.shape[:2])
+        v = None
+        for t in range(stack.shape[0]):
+            u, s, v_t, converged = top_singular_triplet(stack[t], v)
+            if not converged:
+                log.warning("alpharl: %s at checkpoint %d: top singular vector did not converge in %d steps",
+                            name, t, MAX_ITER)
+            a[t] = (u * s).cpu().numpy()
+            v = v_t
+        return a, v
+
+    def predict_deltas(self, name: str, stack: torch.Tensor, steps: np.ndarray,
+                       targets: Sequence[float]) -> torch.Tensor:
+        shape = tuple(stack.shape[1:])
+        if not self.in_scope(shape):  # kept at the cutoff checkpoint
+            return stack[-1].unsqueeze(0).expand((len(targets),) + shape).clone()
+        a, v = self.factors(name, stack)
+        aligned, _ = align_signs(a)
+        if self.target == "accuracy":
+            y = np.array([self.scores[int(s)] for s in steps])
+            goals = [self.scores[int(t)] for t in targets]
+        else:
+            y, goals = np.asarray(steps, dtype=np.float64), [float(t) for t in targets]
+        pls = PLS1.fit(aligned, y, scale=self.pls_scale)
+        a_target = torch.from_numpy(np.stack([pls.invert(g) for g in goals])).to(stack)
+        return a_target[:, :, None] * v[None, None, :]

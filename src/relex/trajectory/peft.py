@@ -1,0 +1,211 @@
+"""PEFT LoRA adapter checkpoints read as full-weight deltas of the base model.
+
+A run trained with a ``peft_config`` (TRL's GRPOTrainer, for one) saves ``checkpoint-N/`` with only
+``adapter_config.json`` and ``adapter_model.safetensors``. For every adapted module the merged weight
+is W_0 + Delta with Delta = B @ A * scale, scale = lora_alpha / r (lora_alpha / sqrt(r) with
+``use_rslora``), r and lora_alpha per module from ``rank_pattern`` / ``alpha_pattern``; embeddings and
+``fan_in_fan_out`` layers take the transpose, as PEFT's ``get_delta_weight`` does. ``modules_to_save``
+(and biases trained with ``bias="all"``) are stored whole: their delta is the saved value minus W_0.
+Every other tensor of the base has a zero delta.
+
+``AdapterReader`` has CheckpointReader's interface (``specs``, ``files``, ``read``, ``file_of``,
+``fingerprint``, ``close``), so a trajectory mixes nothing else; its specs are the base's (the dtype
+a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
+adapter's factors: the streaming engine takes that, never ``(W_0 + Delta) - W_0`` rounded in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from relex.errors import RelexError
+
+if TYPE_CHECKING:
+    from relex.trajectory.reader import CheckpointReader, TensorSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                       r"(?:\.(?P<param>weight|bias))?")
+# Options whose merge is not W_0 + B @ A * scale: refused rather than merged wrongly.
+_UNSUPPORTED = ("use_dora", "use_bdlora", "target_parameters", "trainable_token_indices", "layer_replication",
+                "kasa_config", "monteclora_config")
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A PEFT adapter checkpoint: an adapter config and no full model weights beside it."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return False
+    full = [p for p in folder.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
+    return not full and not any(folder.glob("pytorch_model*.bin"))
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module`` (PEFT's get_pattern_key)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass
+class _Lora:
+    """One adapted weight: its factors' keys, scale and whether the product is transposed."""
+
+    a: str
+    b: str
+    scale: float
+    transpose: bool
+
+
+class AdapterReader:
+    """Deltas (and merged values) of the base's tensors for one PEFT LoRA adapter checkpoint."""
+
+    def __init__(self, folder: Path, base: "CheckpointReader") -> None:
+        self.folder = Path(folder)
+        self.base = base
+        self.config_path = self.folder / ADAPTER_CONFIG
+        weights = self.folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            bins = sorted(self.folder.glob("adapter_model*.bin"))
+            raise RelexError(f"{bins[0]}: pickle adapter refused; save it with safetensors" if bins else
+                             f"{self.folder}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+        self.files = [weights]
+        self.specs: dict[str, TensorSpec] = dict(base.specs)
+        config = self._config()
+        self._loras: dict[str, _Lora] = {}               # weight name -> its LoRA factors
+        self._biases: dict[str, tuple[str, float]] = {}  # bias name -> (lora_B.bias key, scale): lora_bias
+        self._full: dict[str, str] = {}                  # tensor name -> adapter key holding its whole value
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RelexError(f"{weights}: corrupt or truncated adapter file ({exc})") from None
+        self._index(config, shapes)
+
+    def _config(self) -> dict:
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RelexError(f"{self.config_path}: cannot read JSON ({exc})") from None
+        if config.get("peft_type", "LORA") != "LORA":
+            raise RelexError(f"{self.config_path}: peft_type {config.get('peft_type')} is not supported "
+                             "(only LoRA adapters can be merged as W_0 + B @ A * scale)")
+        used = [k for k in _UNSUPPORTED if config.get(k)]
+        if used:
+            raise RelexError(f"{self.config_path}: {used[0]} is not supported (its merge is not B @ A * scale)")
+        return config
+
+    def _index(self, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Map every adapter key to the base tensor it changes, and check shapes and ranks."""
+        weights = self.files[0]
+        parts: dict[str, dict[str, str]] = {}
+        for key in shapes:
+            short = key.removeprefix(PREFIX)
+            match = _LORA_KEY.fullmatch(short)
+            if match:
+                part = match["part"] + (".bias" if match["param"] == "bias" else "")
+                parts.setdefault(match["module"], {})[part] = key
+                continue
+            # a whole tensor: modules_to_save, a trained bias, or an adapted embedding's own weight
+            name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", short).replace(".base_layer.", ".")
+            if name not in self.specs:
+                raise RelexError(f"{weights}: adapter tensor '{key}' matches no tensor of the base "
+                                 f"(looked for '{name}')")
+            if shapes[key] != self.specs[name].shape:
+                raise RelexError(f"{weights}: adapter tensor '{key}' has shape {list(shapes[key])}, "
+                                 f"base has {list(self.specs[name].shape)}")
+            if name in self._full:
+                raise RelexError(f"{weights}: tensors '{self._full[name]}' and '{key}' both replace '{name}'")
+            self._full[name] = key
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        for module, found in parts.items():
+            embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+            a_key = found.get("lora_embedding_A" if embedding else "lora_A")
+            b_key = found.get("lora_embedding_B" if embedding else "lora_B")
+            if a_key is None or b_key is None:
+                raise RelexError(f"{weights}: module '{module}' has only one of its LoRA factors")
+            name = f"{module}.weight"
+            if name not in self.specs:
+                raise RelexError(f"{weights}: LoRA module '{module}' matches no tensor of the base (no '{name}')")
+            a, b, target = shapes[a_key], shapes[b_key], self.specs[name].shape
+            rank = a[0] if len(a) == 2 else -1
+            transpose = embedding or bool(config.get("fan_in_fan_out"))
+            out_in = (b[0], a[1]) if len(a) == 2 and len(b) == 2 else None
+            if out_in is None or b[1] != rank or (out_in[::-1] if transpose else out_in) != target:
+                raise RelexError(f"{weights}: LoRA factors of '{module}' ({list(a)}, {list(b)}) do not make "
+                                 f"the base tensor's shape {list(target)}")
+            r_key = pattern_key(rank_pattern, module)
+            expected_rank = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
+            if expected_rank != rank:
+                raise RelexError(f"{weights}: module '{module}' has rank {rank}, {ADAPTER_CONFIG} says "
+                                 f"{expected_rank}")
+            a_key_alpha = pattern_key(alpha_pattern, module)
+            alpha = alpha_pattern[a_key_alpha] if a_key_alpha is not None else config.get("lora_alpha", 8)
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            bias = found.get("lora_B.bias")
+            if bias is not None and f"{module}.bias" not in self.specs:
+                raise RelexError(f"{weights}: '{bias}' but the base has no '{module}.bias'")
+            self._loras[name] = _Lora(a_key, b_key, float(scale), transpose)
+            if bias is not None:
+                self._biases[f"{module}.bias"] = (bias, float(scale))
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """The LoRA scale of each adapted weight (alpha / r or alpha / sqrt(r), patterns applied)."""
+        return {name: lora.scale for name, lora in self._loras.items()}
+
+    # -- CheckpointReader's interface ------------------------------------------------------------
+    def file_of(self, name: str) -> Path:
+        adapted = name in self._loras or name in self._biases or name in self._full
+        return self.files[0] if adapted else self.base.file_of(name)
+
+    def read_delta(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of W - W_0 for tensor ``name``, float64 (zeros where nothing was adapted)."""
+        spec = self.specs[name]
+        stop = spec.rows if stop is None else min(stop, spec.rows)
+        shape = spec.shape and (stop - start,) + spec.shape[1:]
+        lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
+        if lora is None and bias is None and full is None:
+            return torch.zeros(shape, dtype=torch.float64)
+        with safe_open(str(self.files[0]), framework="pt") as handle:
+            if full is not None:
+                value = handle.get_tensor(full).double()
+                delta = (value if value.dim() == 0 else value[start:stop]) - self.base.read(name, start, stop).double()
+            else:
+                delta = torch.zeros(shape, dtype=torch.float64)
+            if bias is not None:
+                delta += handle.get_tensor(bias[0]).double()[start:stop] * bias[1]
+            if lora is not None:
+                a = handle.get_tensor(lora.a).double()
+                b = handle.get_tensor(lora.b).double()
+                # rows of B @ A, or of (B @ A)^T = A^T B^T for embeddings and fan_in_fan_out layers
+                product = a[:, start:stop].T @ b.T if lora.transpose else b[start:stop] @ a
+                delta += product * lora.scale
+        return delta.reshape(shape)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of the merged tensor W_0 + Delta in float64 (``buffer`` is not used).
+
+        The sum is rounded once in float64; the engine reads ``read_delta`` instead, which is exact.
+        """
+        return self.base.read(name, start, stop).double() + self.read_delta(name, start, stop)
+
+    def fingerprint(self) -> list[list]:
+        """(file, size, mtime) of the adapter weights and config (alpha and rank live in the config)."""
+        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in (*self.files, self.config_path)]
+
+    def close(self) -> None:
+        """Nothing held open: each read opens the adapter file briefly."""
