@@ -169,3 +169,15 @@ def test_backtest_scores_predictions_with_an_evaluator(tmp_path, capsys):
     bad = main(["backtest", "--base", str(base), "--run", str(tmp_path / "run"), "--no-cache", "-q",
                 "--eval-command", f"{sys.executable} -c 'print(1)'"])
     assert bad == 2 and "{model}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trend", ["linear", "quadratic", "power", "mlp"])
+def test_every_trend_fits_its_window(trend):
+    """Each family reproduces a smooth in-window curve it can represent (mlp: any smooth one)."""
+    from relex.methods.trends import fit_trend
+
+    t = np.arange(1.0, 21.0)
+    y = {"linear": 3 * t + 1, "quadratic": 0.1 * t**2 + t, "power": 2 * t**0.5 + 1, "mlp": 2 * t**0.5 + 1}[trend]
+    fitted = fit_trend(trend, t, y)
+    np.testing.assert_allclose(fitted(t), y, rtol=2e-2 if trend == "mlp" else 1e-6)
+    assert np.isfinite(fitted(np.array([40.0, 80.0]))).all()

@@ -1,7 +1,8 @@
 """Trend families for a coefficient trajectory c(t), fit by least squares on the real step numbers.
 
 ``linear`` is the paper's choice. ``quadratic`` and ``power`` (c = a t^p + b, p on a grid) are the
-alternatives a backtest can choose between when a run's deltas grow sub- or super-linearly.
+alternatives a backtest can choose between when a run's deltas grow sub- or super-linearly. ``mlp`` is
+the paper's "more complicated function" ablation: a small tanh network fit to (t, c), deterministic.
 """
 
 from __future__ import annotations
@@ -44,8 +45,38 @@ def _power(t: np.ndarray, y: np.ndarray) -> Trend:
     return lambda x: a * (np.asarray(x, dtype=np.float64) / scale) ** p + b
 
 
+def _mlp(t: np.ndarray, y: np.ndarray, hidden: int = 16, iterations: int = 200) -> Trend:
+    """c = MLP(t / t_max): one tanh layer, full-batch L-BFGS on the squared error, fixed seed."""
+    import torch
+
+    scale_t, mean_y, scale_y = t.max(), y.mean(), max(float(y.std()), 1e-12)
+    x = torch.tensor(t / scale_t, dtype=torch.float64)[:, None]
+    target = torch.tensor((y - mean_y) / scale_y, dtype=torch.float64)[:, None]
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    optimizer = torch.optim.LBFGS(net.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((net(x) - target) ** 2).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+    def predict(v):
+        with torch.no_grad():
+            inp = torch.tensor(np.atleast_1d(np.asarray(v, dtype=np.float64)) / scale_t)[:, None]
+            return net(inp)[:, 0].numpy() * scale_y + mean_y
+
+    return predict
+
+
 TRENDS: dict[str, Callable[[np.ndarray, np.ndarray], Trend]] = {
-    "linear": _linear, "quadratic": _quadratic, "power": _power}
+    "linear": _linear, "quadratic": _quadratic, "power": _power, "mlp": _mlp}
 
 
 def fit_trend(family: str, steps: np.ndarray, values: np.ndarray) -> Trend:
