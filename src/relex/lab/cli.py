@@ -1,0 +1,80 @@
+"""`relex lab` (run a profile end to end) and `relex eval` (score model folders on a task's held-out set)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+from relex.lab.profiles import PROFILES
+from relex.lab.tasks import TASKS
+
+if any(importlib.util.find_spec(pkg) is None for pkg in ("transformers", "trl", "matplotlib")):
+    raise ImportError("the lab needs the [lab] extra: pip install 'relex[lab]'")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``lab`` and ``eval`` subcommands to a ``relex`` argparse subparsers object."""
+    lab = subparsers.add_parser("lab", help="pre-train, run GRPO, extrapolate, evaluate and report (offline, CPU)")
+    lab.add_argument("--profile", choices=sorted(PROFILES), default="default", help="size of the lab run")
+    lab.add_argument("--out", type=Path, required=True, help="output folder (refused if it exists)")
+    lab.add_argument("--seed", type=int, default=0, help="seed for every phase (default 0)")
+    lab.add_argument("--overwrite", action="store_true", help="replace an existing --out when done")
+    lab.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
+    lab.set_defaults(func=cmd_lab)
+
+    ev = subparsers.add_parser("eval", help="greedy held-out accuracy of model folders")
+    ev.add_argument("models", nargs="+", type=Path, metavar="MODEL_DIR", help="HF model folders")
+    ev.add_argument("--profile", choices=sorted(PROFILES), help="take task, digits and held-out size from a lab profile")
+    ev.add_argument("--task", choices=sorted(TASKS), help="task (default addition)")
+    ev.add_argument("--digits", type=int, help="operand digits (default 3)")
+    ev.add_argument("--heldout-size", type=int, help="held-out problems (default 1000)")
+    ev.add_argument("--heldout-seed", type=int, default=1234, help="held-out set seed (default 1234)")
+    ev.add_argument("--tokenizer", type=Path, help="tokenizer folder for models that carry none")
+    ev.add_argument("--batch-size", type=int, default=512, help="prompts per generate call (default 512)")
+    ev.add_argument("--json", type=Path, help="also write the scores as JSON here")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print nothing but errors")
+    ev.set_defaults(func=cmd_eval)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from relex.lab.lab import run_lab
+
+    out = run_lab(PROFILES[args.profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+    if not args.quiet:
+        print((out / "report.md").read_text(), end="")
+        print(f"wrote {out}/report.json, report.md, accuracy.png")
+    return 0
+
+
+def _task_args(args: argparse.Namespace) -> tuple[str, int, int]:
+    """Task name, digits and held-out size: explicit flags, else the profile's, else addition/3/1000."""
+    p = PROFILES[args.profile] if args.profile else None
+    return (args.task or (p.task if p else "addition"), args.digits or (p.digits if p else 3),
+            args.heldout_size or (p.heldout_size if p else 1000))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from relex.errors import RelexError
+    from relex.lab.evaluate import score_dirs
+    from relex.lab.lab import quiet_libraries
+    from relex.lab.tasks import make_task
+
+    missing = [str(m) for m in args.models if not (m / "config.json").is_file()]
+    if missing:
+        raise RelexError(f"not a model folder (no config.json): {', '.join(missing)}")
+    quiet_libraries(args.quiet)
+    try:
+        task = make_task(*_task_args(args), args.heldout_seed)
+        scores = score_dirs(args.models, task, args.tokenizer, args.batch_size, quiet=args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        raise RelexError(str(exc)) from exc
+    if not args.quiet:
+        width = max(len(str(m)) for m in scores)
+        for model, s in scores.items():
+            print(f"{str(model):<{width}}  accuracy {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
+    if args.json:
+        doc = {"task": task.spec(), "scores": {str(m): s.as_dict() for m, s in scores.items()}}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0

@@ -1,0 +1,85 @@
+"""Greedy, batched held-out accuracy of model folders (real checkpoints or relex outputs)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from relex.lab.tasks import Problem, Task
+
+
+@dataclass(frozen=True)
+class Score:
+    """Accuracy on a held-out set with its binomial standard error sqrt(p(1-p)/n)."""
+
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+    @property
+    def stderr(self) -> float:
+        p = self.accuracy
+        return math.sqrt(p * (1 - p) / self.total)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {**asdict(self), "accuracy": self.accuracy, "stderr": self.stderr}
+
+
+def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> PreTrainedTokenizerBase:
+    """The folder's own tokenizer, else the one in ``fallback`` (relex outputs may carry none)."""
+    for source in (model_dir, fallback):
+        if source is not None and (Path(source) / "tokenizer_config.json").exists():
+            tok = AutoTokenizer.from_pretrained(source)
+            tok.padding_side = "left"
+            return tok
+    raise FileNotFoundError(f"no tokenizer in {model_dir}" + (f" or {fallback}" if fallback else "") +
+                            "; pass --tokenizer DIR")
+
+
+def load_model(model_dir: Path) -> PreTrainedModel:
+    """fp32 model in eval mode, loaded strictly offline; eager attention decodes small batches fastest on CPU."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
+                                                 attn_implementation="eager")
+    return model.eval()
+
+
+@torch.inference_mode()
+def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                batch_size: int = 512, problems: list[Problem] | None = None) -> Score:
+    """Greedy-decode every held-out prompt (or the given ``problems``) and count verified answers."""
+    problems = task.heldout if problems is None else problems
+    correct = 0
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=task.max_answer_chars + 1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(task.verify(t, p.answer) for t, p in zip(texts, batch, strict=True))
+    return Score(correct, len(problems))
+
+
+def score_dirs(model_dirs: list[Path], task: Task, tokenizer_dir: Path | None = None, batch_size: int = 512,
+               quiet: bool = False, desc: str = "eval") -> dict[Path, Score]:
+    """Score each folder on the task's held-out set (progress bar unless ``quiet``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    scores: dict[Path, Score] = {}
+    for d in tqdm(model_dirs, desc=desc, disable=quiet, leave=False):
+        d = Path(d)
+        scores[d] = score_model(load_model(d), load_tokenizer(d, tokenizer_dir), task, batch_size)
+    return scores

@@ -1,0 +1,162 @@
+"""The whole lab: pre-train a base, run GRPO, extrapolate from early checkpoints, evaluate, report.
+
+Output (``out/``, written under a temporary sibling name and renamed only when complete)::
+
+    base/                                  the pre-trained model + tokenizer (theta_0)
+    run/checkpoint-N/                      every GRPO checkpoint, TRL's layout
+    extrapolated/<method>-cut<C>/step-T/   relex outputs for each method and cutoff
+    report.json  report.md  accuracy.png
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from relex import Relex, Trajectory, TwoPoint
+from relex.errors import RelexError
+from relex.lab import report
+from relex.lab.profiles import Profile
+from relex.lab.weights import drift, relative_weight_error
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Offline mode everywhere; the libraries' own bars off (the lab draws its own), warnings off with -q.
+
+    TRL and transformers deprecation notices about each other are always hidden: a user cannot act on them.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    if quiet:
+        warnings.filterwarnings("ignore")
+
+
+class _Clock:
+    """Wall time per phase, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def cutoff_steps(fractions: tuple[float, ...], last_step: int) -> list[int]:
+    """Cutoffs as steps (at least 2, so a line has two points), from fractions of the run."""
+    return sorted({max(2, round(f * last_step)) for f in fractions})
+
+
+def extrapolate(base_dir: Path, run_dir: Path, out_root: Path, cutoffs: list[int], targets: list[int],
+                quiet: bool) -> dict[tuple[str, int], dict[int, Path]]:
+    """Phase 5: RELEX (rank 1) and two-point weight extrapolation from each cutoff to each target."""
+    traj = Trajectory.discover(base_dir, run_dir)
+    outputs: dict[tuple[str, int], dict[int, Path]] = {}
+    for cutoff in cutoffs:
+        for method in (Relex(rank=1, cutoff=cutoff), TwoPoint(cutoff=cutoff)):
+            folders = method.fit(traj).save(out_root / f"{method.name}-cut{cutoff}", targets=targets,
+                                            overwrite=True, cache=False, progress=not quiet)
+            outputs[(method.name, cutoff)] = dict(zip(sorted(targets), folders, strict=True))
+    return outputs
+
+
+def _rows(root: Path, real: dict[int, Path], outputs: dict[tuple[str, int], dict[int, Path]],
+          scores: dict, cutoffs: list[int]) -> tuple[list[report.Row], list[report.Row]]:
+    """The real-run curve and the report's rows (with relative weight errors where a real step exists)."""
+
+    def row(method: str, step: int, path: Path, cutoff: int | None = None, err: float | None = None) -> report.Row:
+        return report.Row(method, step, scores[path].accuracy, scores[path].stderr, cutoff, err, str(path.relative_to(root)))
+
+    last = max(real)
+    curve = [row("base" if s == 0 else "rlvr", s, p) for s, p in real.items()]
+    rows = [curve[0], *(row("rlvr", s, real[s], cutoff=s) for s in cutoffs), row("rlvr", last, real[last])]
+    for (method, cutoff), folders in outputs.items():
+        for step, folder in folders.items():
+            err = relative_weight_error(folder, real[step], real[0]) if step in real else None
+            rows.append(row(method, step, folder, cutoff, err))
+    return curve, rows
+
+
+def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False) -> Path:
+    """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise RelexError(f"{out} exists; pass --overwrite to replace it")
+    quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from relex.lab.evaluate import score_dirs
+    from relex.lab.model import build_model, count_parameters
+    from relex.lab.pretrain import pretrain
+    from relex.lab.rl import run_grpo
+    from relex.lab.tasks import make_task
+    from relex.lab.tokenizer import build_tokenizer
+
+    # One thread: results do not depend on the thread count (seeded runs repeat exactly), and on a shared
+    # 2-core machine a second busy-waiting thread makes these tiny models several times slower, not faster.
+    torch.set_num_threads(1)
+    set_seed(seed)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    clock = _Clock()
+    try:
+        task = make_task(profile.task, profile.digits, profile.heldout_size)
+        base_dir, run_dir = tmp / "base", tmp / "run"
+        with clock.phase("pretrain"):
+            tokenizer = build_tokenizer(task.alphabet)
+            model = build_model(profile.shape, tokenizer, seed)
+            pre = pretrain(model, tokenizer, task, profile.pretrain, seed, quiet)
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        with clock.phase("rl"):
+            set_seed(seed)
+            policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+            history = run_grpo(policy, tokenizer, task, profile.rl, run_dir, seed, quiet)
+        last = profile.rl.steps
+        cutoffs = cutoff_steps(profile.cutoffs, last)
+        with clock.phase("extrapolate"):
+            outputs = extrapolate(base_dir, run_dir, tmp / "extrapolated", cutoffs, [last, 2 * last], quiet)
+        with clock.phase("eval"):
+            curve_steps = sorted({*range(profile.curve_every, last + 1, profile.curve_every), *cutoffs, last})
+            real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
+            scores = score_dirs([*real.values(), *(p for o in outputs.values() for p in o.values())], task,
+                                tokenizer_dir=base_dir, quiet=quiet, desc="eval")
+        with clock.phase("weights"):
+            curve, rows = _rows(tmp, real, outputs, scores, cutoffs)
+            moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
+        meta = {
+            "profile": profile.name, "seed": seed, "T": last, "cutoffs": cutoffs, "task": task.spec(),
+            "model": {**asdict(profile.shape), "parameters": count_parameters(model)},
+            "pretrain": {**asdict(profile.pretrain), "stopped_at_step": pre.steps, "val_accuracy": pre.val_accuracy,
+                         "in_band": pre.in_band, "rollbacks": pre.rollbacks, "history": pre.history},
+            "rl": asdict(profile.rl),
+            "train_reward": [{"step": h["step"], "reward": h["reward"]} for h in history if "reward" in h],
+            "drift": moves, "seconds": clock.seconds, "budget": profile.budget, "notes": profile.notes,
+        }
+        meta["seconds"]["total"] = round(sum(clock.seconds.values()), 2)
+        report.write(tmp, meta, rows, curve)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,104 @@
+"""Named lab configurations: `ci` (a test, under a minute), `default` (minutes), `paper` (the paper's regime, scaled).
+
+Plain dataclasses only, so that building the `relex` parser does not import torch or TRL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Architecture knobs of the lab model."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    max_positions: int = 64
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Knobs of supervised pre-training and of the stopping band."""
+
+    lr: float
+    batch_size: int = 128
+    max_steps: int = 4000
+    eval_every: int = 25
+    band: tuple[float, float] = (0.20, 0.45)
+    val_size: int = 300
+    warmup_steps: int = 20
+    max_rollbacks: int = 6
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """GRPO knobs (names follow the paper: prompts x group size per step, lr, KL beta)."""
+
+    steps: int
+    prompts_per_step: int
+    group_size: int = 8
+    lr: float = 1e-5
+    beta: float = 0.0
+    scheduler: str = "constant"
+    temperature: float = 1.0
+    save_every: int = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything one lab run needs besides the seed and output folder."""
+
+    name: str
+    task: str
+    digits: int
+    heldout_size: int
+    shape: ModelShape
+    pretrain: PretrainConfig
+    rl: RLConfig
+    cutoffs: tuple[float, ...] = (0.15, 0.20)
+    curve_every: int = 1
+    budget: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+PROFILES: dict[str, Profile] = {
+    "ci": Profile(
+        name="ci",
+        task="addition",
+        digits=2,
+        heldout_size=1000,
+        shape=ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+        pretrain=PretrainConfig(lr=6e-3, batch_size=128, max_steps=2000, eval_every=50, band=(0.30, 0.45)),
+        rl=RLConfig(steps=60, prompts_per_step=8, lr=2e-4),
+        curve_every=3,
+        budget="under 60 s on 2 CPU cores, whole lab",
+    ),
+    "default": Profile(
+        name="default",
+        task="addition",
+        digits=3,
+        heldout_size=1000,
+        shape=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
+        pretrain=PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45)),
+        rl=RLConfig(steps=300, prompts_per_step=32, lr=1e-5),
+        curve_every=10,
+        budget="under 5 min on 2 CPU cores, pre-training included",
+    ),
+    "paper": Profile(
+        name="paper",
+        task="addition",
+        digits=3,
+        heldout_size=2000,
+        shape=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
+        pretrain=PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45)),
+        rl=RLConfig(steps=500, prompts_per_step=128, lr=3e-6, beta=0.001, scheduler="constant"),
+        curve_every=25,
+        budget="about 20-30 min on 2 CPU cores",
+        notes=["paper: 500 steps, mini-batch 256 prompts, G=8, lr 1e-6, KL 0.001, constant lr; "
+               "here 128 prompts x 8 and lr 3e-6 so a CPU finishes and the tiny model still moves"],
+    ),
+}

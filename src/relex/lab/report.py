@@ -1,0 +1,115 @@
+"""The lab's report: one JSON, one Markdown table (paper Tables 1 and 3 in spirit), one PNG plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated model: what it is, where it sits in the run, how it scored."""
+
+    method: str  # "base", "rlvr", or an extrapolation method name
+    step: int
+    accuracy: float
+    stderr: float
+    cutoff: int | None = None
+    weight_error: float | None = None
+    path: str = ""
+
+
+def _fmt_err(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
+    """Main table (one line per model) plus an observation-window x target-step table."""
+    n = meta["task"]["heldout_size"]
+    lines = [
+        f"# relex lab — profile `{meta['profile']}`, seed {meta['seed']}",
+        "",
+        f"Task: {meta['task']['task']} ({meta['task']['digits']} digits), held-out n={n}, greedy decoding. "
+        f"Model: Qwen2, {meta['model']['parameters']:,} parameters. RLVR: GRPO, {meta['T']} steps "
+        f"({meta['rl']['prompts_per_step']} prompts x {meta['rl']['group_size']}), lr {meta['rl']['lr']:g}, "
+        f"beta {meta['rl']['beta']:g}.",
+        "",
+        "Accuracy ± binomial standard error; relative weight error = ||W_pred − W_real|| / ||W_real − W_0|| "
+        "against the real checkpoint at the same step (— where none exists).",
+        "",
+        "| Method | Observed steps | Step | Accuracy (%) | Rel. weight error |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        observed = "—" if r.cutoff is None else f"1..{r.cutoff}"
+        name = {"base": "Base", "rlvr": "RLVR (real)"}.get(r.method, r.method)
+        lines.append(f"| {name} | {observed} | {r.step} | {100 * r.accuracy:.1f} ± {100 * r.stderr:.1f} "
+                     f"| {_fmt_err(r.weight_error)} |")
+    by_step = {m["step"]: m for m in meta["drift"]}
+    last = meta["T"]
+    lines.append("")
+    for cutoff in meta["cutoffs"]:
+        m = by_step[cutoff]
+        lines += [f"- Real run from step {cutoff} to {last}: ||ΔW|| grew {by_step[last]['norm'] / m['norm']:.2f}x "
+                      f"(a line predicts {last / cutoff:.2f}x); cos(ΔW_{cutoff}, ΔW_{last}) = {m['cos_with_last']:.3f}."]
+    extrap = [r for r in rows if r.cutoff is not None and r.method != "rlvr"]
+    steps = sorted({r.step for r in extrap})
+    if extrap:
+        lines += ["", "Accuracy (%) by observation window and target step:", "",
+                  "| Method | T_cut | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|---|" + "---|" * len(steps)]
+        for method, cutoff in dict.fromkeys((r.method, r.cutoff) for r in extrap):
+            cells = {r.step: f"{100 * r.accuracy:.1f}" for r in extrap if (r.method, r.cutoff) == (method, cutoff)}
+            lines.append(f"| {method} | {cutoff} | " + " | ".join(cells.get(s, "—") for s in steps) + " |")
+        reference = {r.step: r for r in rows if r.method in ("base", "rlvr")}
+        lines.append("| RLVR (real) | — | " + " | ".join(
+            f"{100 * reference[s].accuracy:.1f}" if s in reference else "—" for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, curve: list[Row], rows: list[Row], title: str) -> None:
+    """Accuracy against step for the real run, with extrapolated models as markers."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    xs = [r.step for r in curve]
+    ys = [100 * r.accuracy for r in curve]
+    es = [100 * r.stderr for r in curve]
+    ax.plot(xs, ys, color="black", lw=1.2, label="RLVR (real)")
+    ax.axhline(ys[0], color="gray", ls="--", lw=0.8, label="base")
+    ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color="black", alpha=0.12)
+    cutoffs = sorted({r.cutoff for r in rows if r.cutoff is not None})
+    methods = list(dict.fromkeys(r.method for r in rows if r.cutoff is not None and r.method != "rlvr"))
+    markers, colors = "os^Dv", plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_series, nudge = len(methods) * len(cutoffs), 0.006 * max(xs[-1], 1)
+    for mi, method in enumerate(methods):
+        for ci, cutoff in enumerate(cutoffs):
+            pts = [r for r in rows if r.method == method and r.cutoff == cutoff]
+            shift = (mi * len(cutoffs) + ci - (n_series - 1) / 2) * nudge  # side by side, not on top
+            ax.errorbar([r.step + shift for r in pts], [100 * r.accuracy for r in pts], [100 * r.stderr for r in pts],
+                        fmt=markers[mi % len(markers)], color=colors[ci % len(colors)], capsize=3, ms=6,
+                        mfc="none" if mi else None, label=f"{method}, T_cut={cutoff}")
+    for ci, cutoff in enumerate(cutoffs):
+        ax.axvline(cutoff, color=colors[ci % len(colors)], ls=":", lw=1)
+    ax.set_xlabel("RLVR step")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(out_dir: Path, meta: dict[str, Any], rows: list[Row], curve: list[Row]) -> None:
+    """``report.json``, ``report.md`` and ``accuracy.png`` in ``out_dir``."""
+    doc = {**meta, "rows": [asdict(r) for r in rows], "curve": [asdict(r) for r in curve]}
+    (out_dir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(meta, rows))
+    plot(out_dir / "accuracy.png", curve, rows,
+         f"relex lab ({meta['profile']}): {meta['task']['task']}, {meta['task']['digits']} digits")

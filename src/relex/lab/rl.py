@@ -1,0 +1,91 @@
+"""RLVR with TRL's `GRPOTrainer` on CPU; the task verifier is the reward.
+
+Checkpoints land in TRL's own layout (``run_dir/checkpoint-N/``: fp32 safetensors, config, tokenizer and
+trainer state, no optimizer state) every ``save_every`` steps, which is what `relex.Trajectory.discover` reads.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from relex.lab.profiles import RLConfig
+from relex.lab.tasks import Task
+
+
+class _RewardBar(TrainerCallback):
+    """One tqdm bar over GRPO steps showing the mean training reward (replaces the Trainer's log printing)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.bar = tqdm(total=total, desc="grpo", disable=quiet, leave=False)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "reward" in logs:
+            self.bar.set_postfix(reward=f"{logs['reward']:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.bar.close()
+
+
+def prompt_dataset(task: Task, n: int, seed: int) -> Dataset:
+    """``n`` training prompts (never held-out ones) with their answers as a reward column."""
+    problems = task.sample_many(n, random.Random(f"rl:{seed}"))
+    return Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
+
+
+def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int) -> GRPOConfig:
+    """A CPU-only, fp32, deterministic GRPOConfig saving every ``cfg.save_every`` steps."""
+    return GRPOConfig(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.group_size,
+        max_completion_length=task.max_answer_chars + 1,
+        temperature=cfg.temperature,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=0,
+        weight_decay=0.0,
+        beta=cfg.beta,
+        max_steps=cfg.steps,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_only_model=True,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def run_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: RLConfig,
+             out_dir: Path, seed: int, quiet: bool = False) -> list[dict]:
+    """Train ``model`` with GRPO, writing ``out_dir/checkpoint-N/``; returns TRL's log history."""
+    dataset = prompt_dataset(task, cfg.steps * cfg.prompts_per_step, seed)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=task.reward,
+        args=grpo_config(cfg, task, out_dir, seed),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_RewardBar(cfg.steps, quiet)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    return trainer.state.log_history

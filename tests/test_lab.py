@@ -1,0 +1,174 @@
+"""The lab: fast unit checks of its parts, then one end-to-end `relex lab --profile ci` run on real files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+from relex.lab.tasks import TASKS, Addition, Multiplication, make_task  # noqa: E402
+from relex.lab.tokenizer import build_tokenizer  # noqa: E402
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_heldout_is_fixed_and_never_sampled(name: str) -> None:
+    task = make_task(name, digits=2, heldout_size=300)
+    again = make_task(name, digits=2, heldout_size=300)
+    assert task.heldout == again.heldout  # independent of any lab seed
+    assert len({p.prompt for p in task.heldout}) == 300
+    rng = random.Random(0)
+    drawn = task.sample_many(5000, rng)
+    assert not any(task.is_heldout(p.prompt) for p in drawn)
+
+
+def test_addition_and_multiplication_answers() -> None:
+    add = Addition(digits=3, heldout_size=50)
+    for p in add.heldout:
+        a, b = p.prompt.rstrip("=").split("+")
+        assert len(a) == len(b) == 3 and int(p.answer) == int(a) + int(b)
+    mul = Multiplication(digits=3, heldout_size=50)
+    for p in mul.heldout:
+        a, d = p.prompt.rstrip("=").split("*")
+        assert int(p.answer) == int(a) * int(d) and 2 <= int(d) <= 9
+
+
+def test_verifier_is_the_reward() -> None:
+    task = Addition(digits=2, heldout_size=10)
+    assert task.verify(" 42 ", "42") and not task.verify("420", "42") and not task.verify("", "42")
+    assert task.reward(completions=["42", "41", "42\n"], answer=["42", "42", "42"], trainer_state=None) == [1.0, 0.0, 1.0]
+
+
+def test_heldout_too_large_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Addition(digits=1, heldout_size=60)
+    with pytest.raises(ValueError):
+        make_task("subtraction", digits=2)
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+def test_tokenizer_round_trip(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer(Addition.alphabet)
+    text = "07+35=42"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text)["input_ids"] == ids
+    assert loaded.decode(ids + [loaded.eos_token_id, loaded.pad_token_id], skip_special_tokens=True) == text
+    batch = loaded(["1+2=", "12+34="], padding=True)["input_ids"]
+    assert batch[0][0] == loaded.pad_token_id  # left padding, for batched generation
+
+
+def test_model_sizes_match_profiles() -> None:
+    from relex.lab.model import build_model, count_parameters
+    from relex.lab.profiles import PROFILES
+
+    tok = build_tokenizer(Addition.alphabet)
+    assert 70_000 <= count_parameters(build_model(PROFILES["ci"].shape, tok, 0)) <= 80_000
+    assert 750_000 <= count_parameters(build_model(PROFILES["default"].shape, tok, 0)) <= 850_000
+
+
+def test_relative_weight_error(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from relex.lab.weights import relative_weight_error
+
+    w0 = {"a": torch.zeros(3), "b": torch.ones(2, 2)}
+    real = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([[5.0, 1.0], [1.0, 1.0]])}
+    pred = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": real["b"].clone()}
+    pred["b"][1, 1] += 1.0
+    for name, tensors in {"base": w0, "real": real, "pred": pred}.items():
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    err = relative_weight_error(tmp_path / "pred", tmp_path / "real", tmp_path / "base")
+    assert math.isclose(err, 1.0 / 5.0, rel_tol=1e-6)  # ||pred-real|| = 1, ||real-w0|| = sqrt(9+16)
+
+
+def test_cutoff_steps() -> None:
+    from relex.lab.lab import cutoff_steps
+
+    assert cutoff_steps((0.15, 0.20), 60) == [9, 12]
+    assert cutoff_steps((0.15, 0.20), 500) == [75, 100]
+    assert cutoff_steps((0.01,), 10) == [2]
+
+
+# -- end to end ----------------------------------------------------------------------------------
+def _relex(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "relex", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ci_lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lab") / "ci"
+    proc = _relex("lab", "--profile", "ci", "--out", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_ci_lab_end_to_end(ci_lab: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    report = json.loads((ci_lab / "report.json").read_text())
+    assert (ci_lab / "report.md").read_text().startswith("# relex lab")
+    assert (ci_lab / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(ci_lab.parent.glob(".ci.tmp-*"))
+
+    last = report["T"]
+    steps = sorted(int(p.name.split("-")[1]) for p in (ci_lab / "run").glob("checkpoint-*"))
+    assert steps == list(range(1, last + 1))  # k=1: every step saved, TRL layout
+    for step in steps:
+        AutoModelForCausalLM.from_pretrained(ci_lab / "run" / f"checkpoint-{step}")
+
+    # RLVR beats the base by well over the combined standard error early in the run (first third).
+    base = report["curve"][0]
+    assert base["method"] == "base" and 0.15 <= base["accuracy"] <= 0.5
+    early = [r for r in report["curve"] if 0 < r["step"] <= last // 3]
+    gain = max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in early)
+    assert gain > 3.0, f"best early gain is only {gain:.2f} standard errors"
+
+    # Every extrapolated output exists, loads, was evaluated, and has a weight error where a real one exists.
+    extrap = [r for r in report["rows"] if r["method"] not in ("base", "rlvr")]
+    assert {r["method"] for r in extrap} == {"relex", "two-point"}
+    assert {(r["cutoff"], r["step"]) for r in extrap} == {(c, t) for c in report["cutoffs"] for t in (last, 2 * last)}
+    for r in extrap:
+        AutoModelForCausalLM.from_pretrained(ci_lab / r["path"])
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["stderr"] >= 0.0
+        assert (r["weight_error"] is not None) == (r["step"] == last)
+        if r["weight_error"] is not None:
+            assert math.isfinite(r["weight_error"]) and r["weight_error"] >= 0
+
+
+@pytest.mark.slow
+def test_eval_cli_and_refusals(ci_lab: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from relex.cli import main
+
+    report = json.loads((ci_lab / "report.json").read_text())
+    out = tmp_path / "scores.json"
+    base, relex_out = ci_lab / "base", ci_lab / next(r["path"] for r in report["rows"] if r["method"] == "relex")
+    assert main(["eval", str(base), str(relex_out), "--profile", "ci", "--json", str(out)]) == 0
+    assert str(relex_out) in capsys.readouterr().out
+    scores = json.loads(out.read_text())["scores"]
+    assert scores[str(base)]["accuracy"] == report["curve"][0]["accuracy"]  # same held-out set, same greedy answers
+    assert set(scores[str(relex_out)]) >= {"accuracy", "stderr", "correct", "total"}
+
+    assert main(["lab", "--profile", "ci", "--out", str(ci_lab), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert main(["eval", str(tmp_path), "--digits", "2", "-q"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
