@@ -1,7 +1,8 @@
 """Does the backtest tell the truth? Lab runs where the real future is known.
 
-For each lab run (profile x seed) of L GRPO steps, cutoffs at 7.5% and 10% of L and targets T = L/2 and
-2T = L (the lab's 15%/20% of T, with 2T inside the run so its real checkpoint exists):
+For each lab run (profile x seed) of L GRPO steps, cutoffs at 7.5% and 10% of L (at least step 6, so
+the window can be backtested) and targets T = L/2 and 2T = L (the lab's 15%/20% of T, with 2T inside
+the run so its real checkpoint exists):
 - the backtest's predicted relative weight error of plain RELEX at the tested horizon nearest T/C,
 - the real relative weight error of RELEX at T and 2T (from the Gram over the whole run),
 - held-out accuracy of the base, the real checkpoint, plain RELEX, and ``--auto --clip`` (which writes
@@ -9,6 +10,7 @@ For each lab run (profile x seed) of L GRPO steps, cutoffs at 7.5% and 10% of L 
 and the Spearman rank correlation between predicted and real errors. Prints a table, writes JSON.
 
     python benchmarks/trust_lab.py --profile default --seeds 0 1 2 3
+    python benchmarks/trust_lab.py --profile ci --seeds 0 1 --lab-dir runs/lab-default
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ def measure_run(out: Path, profile, seed: int) -> list[dict]:
     task = make_task(profile.task, profile.digits, profile.heldout_size)
     scratch = out / "trust-outputs"
     rows = []
-    for fraction in (0.075, 0.10):
-        cutoff = max(3, round(fraction * last))
+    for cutoff in sorted({max(6, round(fraction * last)) for fraction in (0.075, 0.10)}):  # 6: room to backtest
         observed = [s for s in traj.steps if s <= cutoff]
         window = {n: s.subset(observed) for n, s in full.items()}
         bt = backtest(window)
@@ -77,8 +78,10 @@ def measure_run(out: Path, profile, seed: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--runs", type=Path, default=Path("runs/trust"), help="lab runs (reused when present)")
+    parser.add_argument("--lab-dir", type=Path, action="append", default=[],
+                        help="also measure this finished `relex lab` output (repeatable)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/trust_lab.json"))
     args = parser.parse_args()
     from relex.lab.lab import run_lab
@@ -86,6 +89,9 @@ def main() -> None:
 
     profile = PROFILES[args.profile]
     rows = []
+    for lab_dir in args.lab_dir:
+        meta = json.loads((lab_dir / "report.json").read_text())
+        rows += measure_run(lab_dir, PROFILES[meta["profile"]], meta["seed"])
     for seed in args.seeds:
         out = args.runs / f"{args.profile}-s{seed}"
         if not (out / "run").is_dir():
