@@ -172,3 +172,18 @@ def test_eval_cli_and_refusals(ci_lab: Path, tmp_path: Path, capsys: pytest.Capt
     assert err.count("\n") == 1 and "--overwrite" in err
     assert main(["eval", str(tmp_path), "--digits", "2", "-q"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_logits_extrapolation_and_score_only(ci_lab: Path, capsys: pytest.CaptureFixture) -> None:
+    """alpha=1 decodes exactly like the cutoff model alone; --score-only prints bare numbers."""
+    from relex.cli import main
+
+    report = json.loads((ci_lab / "report.json").read_text())
+    cut = ci_lab / "run" / f"checkpoint-{report['cutoffs'][0]}"
+    assert main(["eval", str(cut), "--profile", "ci", "--score-only",
+                 "--logits-extrapolate", str(ci_lab / "base"), str(cut), "--alpha", "1"]) == 0
+    alone, combined = (float(line) for line in capsys.readouterr().out.split())
+    assert combined == alone
+    assert main(["eval", "--logits-extrapolate", str(ci_lab / "base"), str(cut), "--profile", "ci", "-q"]) == 2
+    assert "--alpha" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--plot", type=Path, help="write a PNG of error against horizon")
     bt.add_argument("--max-error", type=float, default=0.5, help="relative error counted as safe (default 0.5)")
     bt.add_argument("--eval-command", help="score predictions too: a command with {model} that prints a number, "
-                                           "e.g. 'relex eval --task addition {model} --score-only'")
+                                           "e.g. 'relex eval {model} --profile default --score-only'")
     bt.add_argument("--eval-settings", default="relex linear,best",
                     help="settings to score with --eval-command (comma list; 'best' = best per horizon)")
     bt.set_defaults(func=cmd_backtest)

@@ -1,6 +1,6 @@
 """Score model folders with a user's evaluator: a command that prints a number for ``{model}``.
 
-The lab's ``relex eval --task addition {model} --score-only`` is one; any script that loads the folder
+The lab's ``relex eval {model} --profile default --score-only`` is one; any script that loads the folder
 and prints its accuracy as the last line of its output is another.
 """
 

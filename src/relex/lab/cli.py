@@ -25,7 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.set_defaults(func=cmd_lab)
 
     ev = subparsers.add_parser("eval", help="greedy held-out accuracy of model folders")
-    ev.add_argument("models", nargs="+", type=Path, metavar="MODEL_DIR", help="HF model folders")
+    ev.add_argument("models", nargs="*", type=Path, metavar="MODEL_DIR", help="HF model folders")
+    ev.add_argument("--logits-extrapolate", nargs=2, type=Path, metavar=("ANCHOR", "CUT"),
+                    help="also score decoding from l_anchor + alpha (l_cut - l_anchor) (logits extrapolation)")
+    ev.add_argument("--alpha", type=float, help="with --logits-extrapolate: alpha, e.g. (T - t_anchor)/(t_cut - t_anchor)")
+    ev.add_argument("--score-only", action="store_true",
+                    help="print only the accuracy, one number per line (for relex backtest --eval-command)")
     ev.add_argument("--profile", choices=sorted(PROFILES), help="take task, digits and held-out size from a lab profile")
     ev.add_argument("--task", choices=sorted(TASKS), help="task (default addition)")
     ev.add_argument("--digits", type=int, help="operand digits (default 3)")
@@ -61,20 +66,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from relex.lab.lab import quiet_libraries
     from relex.lab.tasks import make_task
 
-    missing = [str(m) for m in args.models if not (m / "config.json").is_file()]
+    pair = list(args.logits_extrapolate or [])
+    if not args.models and not pair:
+        raise RelexError("give model folders to score, or --logits-extrapolate ANCHOR CUT --alpha A")
+    if pair and args.alpha is None:
+        raise RelexError("--logits-extrapolate needs --alpha")
+    missing = [str(m) for m in [*args.models, *pair] if not (m / "config.json").is_file()]
     if missing:
         raise RelexError(f"not a model folder (no config.json): {', '.join(missing)}")
-    quiet_libraries(args.quiet)
+    quiet_libraries(args.quiet or args.score_only)
     try:
         task = make_task(*_task_args(args), args.heldout_seed)
-        scores = score_dirs(args.models, task, args.tokenizer, args.batch_size, quiet=args.quiet)
+        scores = {str(m): s for m, s in score_dirs(args.models, task, args.tokenizer, args.batch_size,
+                                                   quiet=args.quiet or args.score_only).items()}
+        if pair:
+            from relex.lab.evaluate import load_model, load_tokenizer, score_logits_extrapolation
+
+            label = f"logits-extrapolate({pair[0]}, {pair[1]}, alpha={args.alpha:g})"
+            scores[label] = score_logits_extrapolation(load_model(pair[0]), load_model(pair[1]), args.alpha,
+                                                       load_tokenizer(pair[1], args.tokenizer), task, args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(str(exc)) from exc
-    if not args.quiet:
-        width = max(len(str(m)) for m in scores)
+    if args.score_only:
+        for s in scores.values():
+            print(f"{s.accuracy:.6f}")
+    elif not args.quiet:
+        width = max(len(m) for m in scores)
         for model, s in scores.items():
-            print(f"{str(model):<{width}}  accuracy {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
+            print(f"{model:<{width}}  accuracy {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
     if args.json:
-        doc = {"task": task.spec(), "scores": {str(m): s.as_dict() for m, s in scores.items()}}
+        doc = {"task": task.spec(), "scores": {m: s.as_dict() for m, s in scores.items()}}
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0

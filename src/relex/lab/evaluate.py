@@ -73,6 +73,23 @@ def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task
     return Score(correct, len(problems))
 
 
+@torch.inference_mode()
+def score_logits_extrapolation(anchor: PreTrainedModel, cutoff: PreTrainedModel, alpha: float,
+                               tokenizer: PreTrainedTokenizerBase, task: Task, batch_size: int = 512) -> Score:
+    """Greedy held-out accuracy of decoding from l_anchor + alpha (l_cut - l_anchor), both with KV caches."""
+    from relex.inference import generate_extrapolated
+
+    correct = 0
+    for start in range(0, len(task.heldout), batch_size):
+        batch = task.heldout[start:start + batch_size]
+        enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
+        new = generate_extrapolated(anchor, cutoff, enc["input_ids"], enc["attention_mask"], alpha,
+                                    task.max_answer_chars + 1, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        correct += sum(task.verify(t, p.answer) for t, p in zip(texts, batch, strict=True))
+    return Score(correct, len(task.heldout))
+
+
 def score_dirs(model_dirs: list[Path], task: Task, tokenizer_dir: Path | None = None, batch_size: int = 512,
                quiet: bool = False, desc: str = "eval") -> dict[Path, Score]:
     """Score each folder on the task's held-out set (progress bar unless ``quiet``)."""

@@ -96,7 +96,7 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
 
     store = _cache(trajectory, cache)
     loaded = (store.load(trajectory.steps) if store else None) or {}
-    stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device))
+    stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device), n_outputs=len(targets))
     created_root = not out_dir.exists()
     writers: list[ModelFolderWriter] = []
     stats: dict[str, TensorStats] = {}
@@ -105,7 +105,7 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
             writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
         order = writers[0].order
         passes = {n: 1 if n in loaded or isinstance(method, DirectMethod)
-                  or len(stream.blocks(specs[n], len(targets))) == 1 else 2 for n in order}
+                  or len(stream.blocks(specs[n])) == 1 else 2 for n in order}
         total = sum(specs[n].numel * specs[n].dtype.itemsize * (len(trajectory.steps) + 1) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
@@ -135,7 +135,7 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
                         targets: list[int], cached: TensorStats | None,
                         writers: list[ModelFolderWriter]) -> TensorStats:
     """Statistics, weights and every target's values for one tensor; returns its statistics."""
-    blocks = stream.blocks(spec, len(targets))
+    blocks = stream.blocks(spec)
     if not spec.dtype.is_floating_point:  # integer buffers are not trained: copy them through
         for r0, r1 in blocks:
             block = stream.base.read(name, r0, r1)
@@ -160,5 +160,5 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
         sums = stream.weighted_sums(stack, base, weights)
         shape = (r1 - r0,) + spec.shape[1:] if spec.shape else ()
         for j, writer in enumerate(writers):
-            writer.weights.write(name, sums[j].to(dtype).reshape(shape))
+            writer.weights.write(name, stream.cast(sums[j], dtype, shape))
     return stats

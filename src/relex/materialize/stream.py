@@ -18,28 +18,29 @@ from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import TensorSpec, Trajectory
 from relex.trajectory.peft import AdapterReader
 
-FIXED_OVERHEAD = 16 << 20  # slack for small temporaries
+FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
 
 
 class DeltaStream:
     """Block planning and block reads for the tensors of an observed trajectory."""
 
-    def __init__(self, trajectory: Trajectory, memory_budget: int, device: str = "cpu") -> None:
+    def __init__(self, trajectory: Trajectory, memory_budget: int, device: str = "cpu", n_outputs: int = 0) -> None:
         self.trajectory = trajectory
         self.base = trajectory.reader(trajectory.base)
         self.readers = [trajectory.reader(c.path) for c in trajectory.checkpoints]
         self.steps = np.array(trajectory.steps, dtype=np.float64)
         self.budget = memory_budget
+        self.n_outputs = n_outputs  # targets written per tensor: their sums share the budget with the stack
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def bytes_per_element(self, spec: TensorSpec, n_outputs: int = 1) -> int:
-        """Live bytes per tensor element: the fp64 stack and base, the read buffer, fp64 sums, outputs."""
-        return 8 * (len(self.readers) + 1) + spec.dtype.itemsize + n_outputs * (8 + spec.dtype.itemsize)
+    def bytes_per_element(self, spec: TensorSpec) -> int:
+        """Live bytes per tensor element: the fp64 stack and base, the read buffer, fp64 sums, an output."""
+        return 8 * (len(self.readers) + 1) + spec.dtype.itemsize + self.n_outputs * 8 + 8
 
-    def blocks(self, spec: TensorSpec, n_outputs: int = 1) -> list[tuple[int, int]]:
+    def blocks(self, spec: TensorSpec) -> list[tuple[int, int]]:
         """Row ranges whose stacks fit the budget (one range when the whole tensor fits)."""
-        per_row = self.bytes_per_element(spec, n_outputs) * max(spec.row_numel, 1)
+        per_row = self.bytes_per_element(spec) * max(spec.row_numel, 1)
         rows_per_block = max(1, (self.budget - FIXED_OVERHEAD) // per_row)
         return [(r0, min(r0 + rows_per_block, spec.rows)) for r0 in range(0, spec.rows, rows_per_block)] or [(0, 0)]
 
@@ -76,7 +77,7 @@ class DeltaStream:
         if stack is not None:
             gram = gram_of(stack)
         else:
-            gram = sum(gram_of(self.read(name, r0, r1)[0]) for r0, r1 in self.blocks(spec, n_outputs=0))
+            gram = sum(gram_of(self.read(name, r0, r1)[0]) for r0, r1 in self.blocks(spec))
         stats = TensorStats(self.steps.copy(), gram.cpu().numpy(), name, spec.shape)
         self._check_finite(name, spec, stats)
         return stats
@@ -87,7 +88,7 @@ class DeltaStream:
         if not bad.any():
             return
         base_bad = any(not torch.isfinite(self.base.read(name, r0, r1).float()).all()
-                       for r0, r1 in self.blocks(spec, n_outputs=0))
+                       for r0, r1 in self.blocks(spec))
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
@@ -97,3 +98,8 @@ class DeltaStream:
         out = self.buffer("sums", (w.shape[0], stack.shape[1]))
         torch.mm(w, stack, out=out)
         return out.add_(base)
+
+    def cast(self, values: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """``values`` converted to the output dtype in a reused buffer (no allocation per tensor)."""
+        out = self.buffer(f"out-{dtype}", (values.numel(),), dtype)
+        return out.copy_(values.reshape(-1)).view(shape)
