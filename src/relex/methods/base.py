@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
+from relex.errors import RelexError
+
 from relex.stats.gram import TensorStats
 from relex.trajectory import TensorSpec, Trajectory
 
@@ -48,8 +50,6 @@ class Method(ABC):
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         """Refuse targets the method cannot produce (all methods: target must be positive)."""
-        from relex.errors import RelexError
-
         for target in targets:
             if target <= 0:
                 raise RelexError(f"target {target} must be a positive step")
