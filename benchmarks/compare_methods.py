@@ -1,0 +1,87 @@
+"""Every method on one lab run, side by side: accuracy, weight error, wall time and peak memory.
+
+Runs ``relex extrapolate --method NAME`` (a subprocess, timed, memory sampled from /proc) from one
+cutoff to the targets T and 2T (T = the run's last step), scores every output on the lab task, and
+adds logits extrapolation (scored by decoding; it writes no weights). ExPO takes one target per run,
+with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. Prints a table, writes JSON.
+
+    python benchmarks/compare_methods.py --lab-dir runs/lab-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_extrapolate import measure  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lab-dir", type=Path, required=True, help="a finished `relex lab` output folder")
+    parser.add_argument("--cutoff", type=int, help="last observed step (default: the lab's first cutoff)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_methods.json"))
+    args = parser.parse_args()
+    from relex.lab.evaluate import load_model, load_tokenizer, score_dirs, score_logits_extrapolation
+    from relex.lab.profiles import PROFILES
+    from relex.lab.tasks import make_task
+    from relex.lab.weights import relative_weight_error
+
+    lab = args.lab_dir
+    meta = json.loads((lab / "report.json").read_text())
+    profile = PROFILES[meta["profile"]]
+    task = make_task(profile.task, profile.digits, profile.heldout_size)
+    last, cutoff = meta["T"], args.cutoff or meta["cutoffs"][0]
+    targets = [last, 2 * last]
+    scratch = lab / "compare-outputs"
+    shutil.rmtree(scratch, ignore_errors=True)
+    runs = [("relex", [], targets), ("two-point", [], targets), ("alpharl", [], targets)]
+    runs += [("expo", ["--expo-alpha", str((t - cutoff) / cutoff)], [t]) for t in targets]
+    rows = []
+    for method, extra, wanted in runs:
+        out = scratch / f"{method}-{wanted[0]}"
+        cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(lab / "base"), "--run", str(lab / "run"),
+               "--cutoff", str(cutoff), "--method", method, "--out", str(out), "--no-cache", "-q", *extra]
+        for t in wanted:
+            cmd += ["--target", str(t)]
+        cost = measure(cmd)
+        scores = score_dirs([out / f"step-{t}" for t in wanted], task, tokenizer_dir=lab / "base", quiet=True)
+        for t in wanted:
+            real = lab / "run" / f"checkpoint-{t}"
+            score = scores[out / f"step-{t}"]
+            rows.append({"method": method, "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
+                         "weight_error": relative_weight_error(out / f"step-{t}", real, lab / "base")
+                         if real.is_dir() else None,
+                         "seconds": cost["seconds"], "peak_anon_bytes": cost["peak_anon"]})
+    anchor, cut = load_model(lab / "base"), load_model(lab / "run" / f"checkpoint-{cutoff}")
+    tokenizer = load_tokenizer(lab / "base")
+    for t in targets:
+        start = time.perf_counter()
+        score = score_logits_extrapolation(anchor, cut, t / cutoff, tokenizer, task)
+        rows.append({"method": "logits", "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
+                     "weight_error": None, "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
+    real_scores = score_dirs([lab / "base", lab / "run" / f"checkpoint-{cutoff}", lab / "run" / f"checkpoint-{last}"],
+                             task, tokenizer_dir=lab / "base", quiet=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"lab {meta['profile']} seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
+          f"{real_scores[lab / 'base'].accuracy:.3f}, real at cutoff "
+          f"{real_scores[lab / 'run' / f'checkpoint-{cutoff}'].accuracy:.3f}, real at T "
+          f"{real_scores[lab / 'run' / f'checkpoint-{last}'].accuracy:.3f}")
+    print(f"{'method':>10} {'target':>6} {'accuracy':>14} {'weight err':>10} {'seconds':>8} {'peak anon':>10}")
+    for r in rows:
+        err = f"{r['weight_error']:.3f}" if r["weight_error"] is not None else "-"
+        mem = f"{r['peak_anon_bytes'] / 1e6:.0f}M" if r["peak_anon_bytes"] else "-"
+        print(f"{r['method']:>10} {r['target']:>6} {r['accuracy']:>8.3f} ± {r['stderr']:.3f} {err:>10} "
+              f"{r['seconds']:>8.1f} {mem:>10}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"lab": str(lab), "cutoff": cutoff, "T": last, "rows": rows,
+                                     "real": {str(k): v.as_dict() for k, v in real_scores.items()}}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
