@@ -7,11 +7,7 @@ from pathlib import Path
 
 def plot_backtest(rows: list[dict], path: Path) -> None:
     """Relative error against horizon, one line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["setting"] for r in rows):
         points = sorted((r["horizon"], r["relative_error"]) for r in rows if r["setting"] == label)
@@ -21,8 +17,12 @@ def plot_backtest(rows: list[dict], path: Path) -> None:
     ax.set_title("Backtest inside the observed window")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    _save(plt, fig, path, dpi=120)
+
+
+def _save(plt, fig, path: Path, dpi: int = 110) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -51,9 +51,7 @@ def plot_coefficients(curves: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("rank-1 coefficient")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_explained_variance(cumulative: list[float], path: Path) -> None:
@@ -66,9 +64,7 @@ def plot_explained_variance(cumulative: list[float], path: Path) -> None:
     ax.set_xticks(ks)
     ax.set_xlabel("rank k")
     ax.set_ylabel("median cumulative explained variance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_alignment(rows: list[dict], path: Path) -> None:
@@ -83,9 +79,7 @@ def plot_alignment(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
     ax.set_title("RELEX vs real later checkpoints (weight space)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_accuracy(scores: dict[str, dict[str, float]], cutoff: int, path: Path) -> None:
@@ -100,6 +94,4 @@ def plot_accuracy(scores: dict[str, dict[str, float]], cutoff: int, path: Path) 
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
