@@ -181,3 +181,17 @@ def test_every_trend_fits_its_window(trend):
     fitted = fit_trend(trend, t, y)
     np.testing.assert_allclose(fitted(t), y, rtol=2e-2 if trend == "mlp" else 1e-6)
     assert np.isfinite(fitted(np.array([40.0, 80.0]))).all()
+
+
+def test_auto_without_cache_reads_the_checkpoints_for_statistics_once(tmp_path, monkeypatch):
+    """--auto computes the Gram for its backtest and hands it to the writer: no second Gram pass."""
+    from relex.materialize.stream import DeltaStream
+
+    base = save_pico_model(tmp_path / "base")
+    drift_run(base, tmp_path / "run", steps=list(range(1, 13)), noise=0.02)
+    calls = []
+    original = DeltaStream.stats
+    monkeypatch.setattr(DeltaStream, "stats", lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
+    assert main(["extrapolate", "--base", str(base), "--run", str(tmp_path / "run"), "--no-cache", "-q", "--auto",
+                 "--target", "16", "--out", str(tmp_path / "out")]) == 0
+    assert len(calls) == len(set(calls))

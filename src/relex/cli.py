@@ -136,12 +136,14 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
                                                          force=args.force, clip=args.clip)
         log.info("--auto chose %s: %s", run_info["auto"]["chosen"], run_info["auto"]["reason"])
         method.fit(observed)
+        options = {"stats": stats}  # the backtest's statistics: no second Gram pass
     else:
         name = "reconstruct" if args.reconstruct else args.method
         method = METHODS[name].from_args(args).fit(_trajectory(args))
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
+        options = {}
     folders = method.save(args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype, **_engine_options(args), run_info=run_info)
+                          dtype=args.dtype, **_engine_options(args), run_info=run_info, **options)
     if not args.quiet:
         for folder in folders:
             print(folder)
@@ -225,8 +227,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None = None) -> None:
+def _console():
+    """A rich console that keeps long tensor names readable when output goes to a file or pipe."""
     from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None = None) -> None:
     from rich.table import Table
 
     horizons = sorted({r["horizon"] for r in rows})
@@ -245,7 +253,7 @@ def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None 
                 cell += f" acc {row['accuracy']:.3f}"
             cells.append(cell)
         table.add_row(label, *cells, f"{horizon:g}x")
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     console.print(table)
     if real:
         console.print(f"Real checkpoint at step {real['step']}: accuracy {real['accuracy']:.4f}")
@@ -256,10 +264,9 @@ def _json_default(value):
 
 
 def _print_analysis(report: dict, worst: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = _console()
     summary = report["summary"]
     steps = report["observed_steps"]
     table = Table(title=f"Trajectory summary: {summary['tensors_moving']}/{summary['tensors']} tensors moved, "

@@ -59,25 +59,30 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
         return {name: loaded[name].named(name, spec.shape) for name, spec in specs.items()}
     stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device))
     stats = {}
-    with tqdm(total=_read_bytes(specs, len(trajectory.steps)), unit="B", unit_scale=True,
-              desc="statistics", disable=not progress) as bar:
+    with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",
+              unit_scale=True, desc="statistics", disable=not progress) as bar:
         for name, spec in specs.items():
             stats[name] = stream.stats(name, spec)
-            bar.update(spec.numel * spec.dtype.itemsize * (len(trajectory.steps) + 1))
+            bar.update(_pass_bytes(spec, len(trajectory.steps)))
     if store:
         store.save(stats, trajectory.steps)
     return stats
 
 
-def _read_bytes(specs: dict[str, TensorSpec], n_checkpoints: int) -> int:
-    return sum(s.numel * s.dtype.itemsize for s in specs.values()) * (n_checkpoints + 1)
+def _pass_bytes(spec: TensorSpec, n_checkpoints: int) -> int:
+    """Bytes one pass over a tensor reads: the base and every observed checkpoint."""
+    return spec.numel * spec.dtype.itemsize * (n_checkpoints + 1)
 
 
 def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], out_dir: str | Path, *,
                 overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                 memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
-                progress: bool = True, run_info: dict | None = None) -> list[Path]:
-    """Write ``out_dir/step-{T}`` for each target T: a loadable HF model folder. Returns the folders."""
+                progress: bool = True, run_info: dict | None = None,
+                stats: dict[str, TensorStats] | None = None) -> list[Path]:
+    """Write ``out_dir/step-{T}`` for each target T: a loadable HF model folder. Returns the folders.
+
+    ``stats`` (from ``compute_stats`` on the same trajectory) skips the Gram pass, cache or not.
+    """
     targets = sorted(set(int(t) for t in targets))
     if not targets:
         raise RelexError("give at least one --target step")
@@ -95,25 +100,25 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
     planned = [PlannedTensor(n, s.shape, out_dtype[n]) for n, s in specs.items()]
 
     store = _cache(trajectory, cache)
-    loaded = (store.load(trajectory.steps) if store else None) or {}
+    loaded = stats or (store.load(trajectory.steps) if store else None) or {}
     stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device), n_outputs=len(targets))
     created_root = not out_dir.exists()
     writers: list[ModelFolderWriter] = []
-    stats: dict[str, TensorStats] = {}
+    stats = {}
     try:
         for folder in folders:
             writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
         order = writers[0].order
         passes = {n: 1 if n in loaded or isinstance(method, DirectMethod)
                   or len(stream.blocks(specs[n])) == 1 else 2 for n in order}
-        total = sum(specs[n].numel * specs[n].dtype.itemsize * (len(trajectory.steps) + 1) * passes[n] for n in order)
+        total = sum(_pass_bytes(specs[n], len(trajectory.steps)) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
             for name in order:
                 cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
                 stats[name] = _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets,
                                                   cached, writers)
-                bar.update(specs[name].numel * specs[name].dtype.itemsize * (len(trajectory.steps) + 1) * passes[name])
+                bar.update(_pass_bytes(specs[name], len(trajectory.steps)) * passes[name])
         if store and not loaded:
             store.save(stats, trajectory.steps)
         summary = summarize([tensor_metrics(n, specs[n].numel, stats[n]) for n in order])
