@@ -73,6 +73,29 @@ def drift_run(base: Path, run: Path, steps=STEPS, layout: str = "trl", noise: fl
     return out
 
 
+def rank1_run(base, run, steps=STEPS, slope=0.05, offset=0.1, seed=3):
+    """W_t = W_0 + f(t) u v^T for every 2-D tensor (fixed u, v), W_0 + f(t) d for the others; f linear."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = load_file(str(base / "model.safetensors"))
+    directions = {}
+    for name, t in w0.items():
+        if t.dim() == 2:
+            u = torch.randn(t.shape[0], generator=gen, dtype=torch.float64)
+            v = torch.randn(t.shape[1], generator=gen, dtype=torch.float64)
+            directions[name] = torch.outer(u, v)
+        else:
+            directions[name] = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    saved = {}
+    for step in steps:
+        f = slope * step + offset
+        tensors = {n: (t.double() + f * directions[n]).to(t.dtype).contiguous() for n, t in w0.items()}
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        saved[step] = tensors
+    return w0, directions, saved, (lambda step: slope * step + offset)
+
+
 @pytest.fixture
 def pico(tmp_path: Path):
     """(base folder, run folder, {step: tensors}) for a Qwen2 pico model and a TRL-layout drift run."""

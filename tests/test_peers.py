@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import STEPS, drift_run, save_pico_model
-from relex import METHODS, AlphaRL, ExPO, Relex, RelexError, Trajectory, TwoPoint, compute_stats
+from conftest import STEPS, drift_run, rank1_run, save_pico_model
+from relex import METHODS, AlphaRL, ExPO, NExt, Relex, RelexError, Trajectory, TwoPoint, compute_stats
 from relex.analysis import alignment
 from relex.cli import main
 from relex.methods.alpharl import align_signs, load_scores, top_singular_triplet
@@ -27,29 +27,6 @@ def predicted_deltas(folder, base) -> dict[str, np.ndarray]:
 
 def relative_error(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(pred - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def rank1_run(base, run, steps=STEPS, slope=0.05, offset=0.1, seed=3):
-    """W_t = W_0 + f(t) u v^T for every 2-D tensor (fixed u, v), W_0 + f(t) d for the others; f linear."""
-    gen = torch.Generator().manual_seed(seed)
-    w0 = load_file(str(base / "model.safetensors"))
-    directions = {}
-    for name, t in w0.items():
-        if t.dim() == 2:
-            u = torch.randn(t.shape[0], generator=gen, dtype=torch.float64)
-            v = torch.randn(t.shape[1], generator=gen, dtype=torch.float64)
-            directions[name] = torch.outer(u, v)
-        else:
-            directions[name] = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-    saved = {}
-    for step in steps:
-        f = slope * step + offset
-        tensors = {n: (t.double() + f * directions[n]).to(t.dtype).contiguous() for n, t in w0.items()}
-        folder = run / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        saved[step] = tensors
-    return w0, directions, saved, (lambda step: slope * step + offset)
 
 
 # -- the linear trajectory through the base: every linear method lands on it --------------------------
@@ -267,6 +244,7 @@ PEER_METHODS = {
     "two-point": lambda: TwoPoint(cutoff=8, norms_from_cutoff=True),
     "expo": lambda: ExPO(alpha=0.3, cutoff=8),
     "alpharl": lambda: AlphaRL(cutoff=8),
+    "next": lambda: NExt(cutoff=8, epochs=50),
 }
 
 
@@ -288,6 +266,7 @@ CLI_FLAGS = {
     "two-point": ["--two-point-norms-from-cutoff", "--anchor", "3"],
     "expo": ["--expo-alpha", "0.5"],
     "alpharl": ["--alpharl-target", "accuracy", "--scores", "{scores}", "--no-alpharl-pls-scale"],
+    "next": ["--next-horizon", "5", "--next-step-input", "--next-epochs", "50", "--next-lr", "0.01"],
 }
 
 
@@ -304,9 +283,10 @@ def test_cli_extrapolate_with_each_method(pico, tmp_path, name, capsys):
     meta = json.loads((out / "step-40" / "relex.json").read_text())
     assert meta["method"] == name and meta["target"] == 40
     expected = {"relex": {"rank": 2}, "two-point": {"anchor": 3, "norms_from_cutoff": True},
-                "expo": {"alpha": 0.5}, "alpharl": {"target": "accuracy", "pls_scale": False}}[name]
+                "expo": {"alpha": 0.5}, "alpharl": {"target": "accuracy", "pls_scale": False},
+                "next": {"horizon": 5, "step_input": True, "epochs": 50, "lr": 0.01}}[name]
     assert expected.items() <= meta["params"].items()
-    assert set(METHODS) >= {"relex", "two-point", "expo", "alpharl"}
+    assert set(METHODS) >= {"relex", "two-point", "expo", "alpharl", "next"}
 
 
 def test_cli_refuses_bad_peer_input(pico, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import save_pico_model
-from relex import Relex, RelexError, Trajectory, TwoPoint
+from relex import NExt, Relex, RelexError, Trajectory, TwoPoint
 from relex.trajectory import AdapterReader, CheckpointReader
 from relex.trajectory.peft import is_adapter_folder, pattern_key
 
@@ -143,6 +143,16 @@ def test_engine_on_a_lora_run_writes_full_merged_models(tmp_path):
     # the statistics cache is keyed on the adapter's config too: a changed alpha is not served stale
     fingerprint = traj.reader(run / "checkpoint-7").fingerprint()
     assert any(path.endswith("adapter_config.json") for path, *_ in fingerprint)
+
+
+def test_next_on_a_lora_run_learns_only_the_adapted_tensors(tmp_path):
+    base, run, merged, _ = lora_run(tmp_path, PLAIN)
+    method = NExt(epochs=30).fit(Trajectory.discover(base, run), progress=False)
+    moved = {n for n, t in merged[7].items() if not torch.equal(t, load_file(str(base / "model.safetensors"))[n])}
+    assert set(method.predicted_) == moved
+    [folder] = method.save(tmp_path / "out", [12], progress=False, cache=False)
+    frozen = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(CheckpointReader(folder).read(frozen), load_file(str(base / "model.safetensors"))[frozen])
 
 
 def test_full_checkpoints_keep_the_plain_reader(pico):

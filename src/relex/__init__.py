@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from relex.errors import RelexError
 from relex.materialize import compute_stats, extrapolate
-from relex.methods import METHODS, AlphaRL, DirectMethod, ExPO, Method, Reconstruct, Relex, TwoPoint
+from relex.methods import METHODS, AlphaRL, DirectMethod, ExPO, Method, NExt, Reconstruct, Relex, TwoPoint
 from relex.trajectory import Trajectory
 
-__all__ = ["METHODS", "AlphaRL", "DirectMethod", "ExPO", "Method", "Reconstruct", "Relex", "RelexError", "Trajectory",
+__all__ = ["METHODS", "AlphaRL", "DirectMethod", "ExPO", "Method", "NExt", "Reconstruct", "Relex", "RelexError", "Trajectory",
            "TwoPoint", "__version__", "compute_stats", "extrapolate"]
