@@ -154,6 +154,85 @@ def test_ci_lab_end_to_end(ci_lab: Path) -> None:
             assert math.isfinite(r["weight_error"]) and r["weight_error"] >= 0
 
 
+@pytest.fixture(scope="module")
+def ci_lora_lab(ci_lab: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`relex lab --profile ci --lora`, started from the ci lab's base (same seed: the same model) to skip pre-training."""
+    out = tmp_path_factory.mktemp("lab") / "ci-lora"
+    proc = _relex("lab", "--profile", "ci", "--lora", "--base", str(ci_lab / "base"), "--out", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_ci_lora_lab_end_to_end(ci_lora_lab: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from relex.cli import main
+    from relex.lab.evaluate import load_model
+    from relex.trajectory.peft import is_adapter_folder
+
+    report = json.loads((ci_lora_lab / "report.json").read_text())
+    assert report["lora"]["rank"] == 8 and report["lora"]["alpha"] == 16
+    assert 0 < report["lora"]["trainable_parameters"] < report["model"]["parameters"]
+    assert report["rl"]["lr_used"] == report["rl"]["lora_lr"]
+    assert "**LoRA run**: rank 8, alpha 16" in (ci_lora_lab / "report.md").read_text()
+
+    last = report["T"]
+    run = ci_lora_lab / "run"
+    assert sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == list(range(1, last + 1))
+    for step in range(1, last + 1):  # adapter only: no full weights in any checkpoint
+        folder = run / f"checkpoint-{step}"
+        assert is_adapter_folder(folder) and (folder / "adapter_model.safetensors").is_file()
+        assert not (folder / "model.safetensors").exists()
+    # a checkpoint loads in transformers on its own (its adapter config points at the published base)
+    # and merged onto the base, as the lab evaluates it
+    final = run / f"checkpoint-{last}"
+    AutoModelForCausalLM.from_pretrained(final)
+    merged = load_model(final, ci_lora_lab / "base")
+    assert not hasattr(merged, "peft_config")
+
+    base = report["curve"][0]
+    gain = max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in report["curve"])
+    assert gain > 3.0, f"LoRA GRPO's best gain is only {gain:.2f} standard errors"
+    assert all(math.isfinite(m["norm"]) and m["norm"] > 0 for m in report["drift"])
+
+    extrap = [r for r in report["rows"] if r["method"] not in ("base", "rlvr")]
+    assert {r["method"] for r in extrap} == {"relex", "two-point"}
+    for r in extrap:
+        AutoModelForCausalLM.from_pretrained(ci_lora_lab / r["path"])
+        if r["step"] == last:
+            assert math.isfinite(r["weight_error"]) and r["weight_error"] > 0
+
+    # relex eval merges an adapter folder onto --base; same greedy answers as the lab's own evaluation
+    assert main(["eval", str(final), "--base", str(ci_lora_lab / "base"), "--profile", "ci", "--score-only"]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(report["curve"][-1]["accuracy"])
+    assert main(["eval", str(final), "--profile", "ci", "-q"]) == 2
+    assert "--base" in capsys.readouterr().err
+
+
+def test_relative_weight_error_of_an_adapter(tmp_path: Path) -> None:
+    """An adapter checkpoint is measured as base + B @ A * alpha / r."""
+    import torch
+    from safetensors.torch import save_file
+
+    from relex.lab.weights import relative_weight_error
+
+    w0 = {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 3)}
+    a, b = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[1.0], [0.0]])  # B @ A: one entry, 1.0
+    for name in ("base", "real", "pred"):
+        (tmp_path / name).mkdir()
+    save_file(w0, str(tmp_path / "base" / "model.safetensors"))
+    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": a,
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": b},
+              str(tmp_path / "real" / "adapter_model.safetensors"))
+    (tmp_path / "real" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2}))
+    pred = torch.zeros(2, 3)
+    pred[0, 0] = 2.0 + 0.5  # real is 2.0 (scale alpha / r = 2)
+    save_file({"model.layers.0.mlp.up_proj.weight": pred}, str(tmp_path / "pred" / "model.safetensors"))
+    err = relative_weight_error(tmp_path / "pred", tmp_path / "real", tmp_path / "base")
+    assert math.isclose(err, 0.5 / 2.0, rel_tol=1e-12)
+
+
 @pytest.mark.slow
 def test_eval_cli_and_refusals(ci_lab: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from relex.cli import main

@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from relex.lab.profiles import PROFILES
+from relex.lab.profiles import PROFILES, LoraSettings
 from relex.lab.tasks import TASKS
 
 if any(importlib.util.find_spec(pkg) is None for pkg in ("transformers", "trl", "matplotlib")):
@@ -20,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--profile", choices=sorted(PROFILES), default="default", help="size of the lab run")
     lab.add_argument("--out", type=Path, required=True, help="output folder (refused if it exists)")
     lab.add_argument("--seed", type=int, default=0, help="seed for every phase (default 0)")
+    lab.add_argument("--lora", action="store_true",
+                     help="train a LoRA adapter (q,k,v,o,gate,up,down projections) instead of every weight")
+    lab.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8)")
+    lab.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default 16)")
+    lab.add_argument("--base", type=Path, help="skip pre-training: start GRPO from this model folder "
+                                               "(e.g. another lab run's base/)")
     lab.add_argument("--overwrite", action="store_true", help="replace an existing --out when done")
     lab.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     lab.set_defaults(func=cmd_lab)
@@ -37,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--heldout-size", type=int, help="held-out problems (default 1000)")
     ev.add_argument("--heldout-seed", type=int, default=1234, help="held-out set seed (default 1234)")
     ev.add_argument("--tokenizer", type=Path, help="tokenizer folder for models that carry none")
+    ev.add_argument("--base", type=Path, help="base model that LoRA adapter folders are merged onto")
     ev.add_argument("--batch-size", type=int, default=512, help="prompts per generate call (default 512)")
     ev.add_argument("--json", type=Path, help="also write the scores as JSON here")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print nothing but errors")
@@ -44,9 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    from relex.errors import RelexError
     from relex.lab.lab import run_lab
 
-    out = run_lab(PROFILES[args.profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+    if not args.lora and (args.lora_rank, args.lora_alpha) != (8, 16.0):
+        raise RelexError("--lora-rank and --lora-alpha need --lora")
+    if args.lora_rank < 1 or args.lora_alpha <= 0:
+        raise RelexError(f"--lora-rank {args.lora_rank} must be >= 1 and --lora-alpha {args.lora_alpha:g} > 0")
+    lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha) if args.lora else None
+    out = run_lab(PROFILES[args.profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+                  lora=lora, base=args.base)
     if not args.quiet:
         print((out / "report.md").read_text(), end="")
         print(f"wrote {out}/report.json, report.md, accuracy.png")
@@ -71,20 +85,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RelexError("give model folders to score, or --logits-extrapolate ANCHOR CUT --alpha A")
     if pair and args.alpha is None:
         raise RelexError("--logits-extrapolate needs --alpha")
-    missing = [str(m) for m in [*args.models, *pair] if not (m / "config.json").is_file()]
+    from relex.trajectory.peft import is_adapter_folder
+
+    missing = [str(m) for m in [*args.models, *pair] if not (m / "config.json").is_file() and not is_adapter_folder(m)]
     if missing:
-        raise RelexError(f"not a model folder (no config.json): {', '.join(missing)}")
+        raise RelexError(f"not a model or adapter folder (no config.json or adapter_config.json): {', '.join(missing)}")
     quiet_libraries(args.quiet or args.score_only)
     try:
         task = make_task(*_task_args(args), args.heldout_seed)
         scores = {str(m): s for m, s in score_dirs(args.models, task, args.tokenizer, args.batch_size,
-                                                   quiet=args.quiet or args.score_only).items()}
+                                                   quiet=args.quiet or args.score_only, adapter_base=args.base).items()}
         if pair:
             from relex.lab.evaluate import load_model, load_tokenizer, score_logits_extrapolation
 
             label = f"logits-extrapolate({pair[0]}, {pair[1]}, alpha={args.alpha:g})"
-            scores[label] = score_logits_extrapolation(load_model(pair[0]), load_model(pair[1]), args.alpha,
-                                                       load_tokenizer(pair[1], args.tokenizer), task, args.batch_size)
+            anchor, cut = (load_model(m, args.base) for m in pair)
+            scores[label] = score_logits_extrapolation(anchor, cut, args.alpha, load_tokenizer(pair[1], args.tokenizer),
+                                                       task, args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(str(exc)) from exc
     if args.score_only:

@@ -1,4 +1,8 @@
-"""Greedy, batched held-out accuracy of model folders (real checkpoints or relex outputs)."""
+"""Greedy, batched held-out accuracy of model folders (real checkpoints or relex outputs).
+
+A PEFT LoRA adapter checkpoint (a LoRA lab run's ``checkpoint-N/``) is scored as its base with the
+adapter merged in (``PeftModel.from_pretrained(base).merge_and_unload()``): the model it stands for.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from relex.lab.tasks import Problem, Task
+from relex.trajectory.peft import is_adapter_folder
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,18 @@ def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> PreTrainedT
                             "; pass --tokenizer DIR")
 
 
-def load_model(model_dir: Path) -> PreTrainedModel:
-    """fp32 model in eval mode, loaded strictly offline; eager attention decodes small batches fastest on CPU."""
+def load_model(model_dir: Path, adapter_base: Path | None = None) -> PreTrainedModel:
+    """fp32 model in eval mode, loaded strictly offline; eager attention decodes small batches fastest on CPU.
+
+    An adapter folder is merged onto ``adapter_base`` (required then): the result is a plain model.
+    """
+    if is_adapter_folder(model_dir):
+        if adapter_base is None:
+            raise ValueError(f"{model_dir} is a LoRA adapter checkpoint: give its base model (--base DIR)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(adapter_base), model_dir).merge_and_unload()
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
                                                  attn_implementation="eager")
     return model.eval()
@@ -91,12 +106,12 @@ def score_logits_extrapolation(anchor: PreTrainedModel, cutoff: PreTrainedModel,
 
 
 def score_dirs(model_dirs: list[Path], task: Task, tokenizer_dir: Path | None = None, batch_size: int = 512,
-               quiet: bool = False, desc: str = "eval") -> dict[Path, Score]:
-    """Score each folder on the task's held-out set (progress bar unless ``quiet``)."""
+               quiet: bool = False, desc: str = "eval", adapter_base: Path | None = None) -> dict[Path, Score]:
+    """Score each folder on the task's held-out set (progress bar unless ``quiet``); adapters merge onto ``adapter_base``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     scores: dict[Path, Score] = {}
     for d in tqdm(model_dirs, desc=desc, disable=quiet, leave=False):
         d = Path(d)
-        scores[d] = score_model(load_model(d), load_tokenizer(d, tokenizer_dir), task, batch_size)
+        scores[d] = score_model(load_model(d, adapter_base), load_tokenizer(d, tokenizer_dir), task, batch_size)
     return scores

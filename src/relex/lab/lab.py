@@ -3,13 +3,14 @@
 Output (``out/``, written under a temporary sibling name and renamed only when complete)::
 
     base/                                  the pre-trained model + tokenizer (theta_0)
-    run/checkpoint-N/                      every GRPO checkpoint, TRL's layout
+    run/checkpoint-N/                      every GRPO checkpoint, TRL's layout (LoRA: the adapter only)
     extrapolated/<method>-cut<C>/step-T/   relex outputs for each method and cutoff
     report.json  report.md  accuracy.png
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ from typing import Iterator
 from relex import Relex, Trajectory, TwoPoint
 from relex.errors import RelexError
 from relex.lab import report
-from relex.lab.profiles import Profile
+from relex.lab.profiles import LoraSettings, Profile
 from relex.lab.weights import drift, relative_weight_error
 
 
@@ -93,14 +94,33 @@ def _rows(root: Path, real: dict[int, Path], outputs: dict[tuple[str, int], dict
     return curve, rows
 
 
-def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False) -> Path:
-    """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told."""
+def point_adapters_at(run_dir: Path, base_dir: Path) -> None:
+    """Set ``base_model_name_or_path`` of every adapter checkpoint to ``base_dir`` (absolute).
+
+    TRL records the path the base had during training (here the temporary folder); pointing it at the
+    published base lets ``AutoModelForCausalLM.from_pretrained(checkpoint)`` find it.
+    """
+    for config in Path(run_dir).glob("checkpoint-*/adapter_config.json"):
+        doc = json.loads(config.read_text())
+        doc["base_model_name_or_path"] = str(Path(base_dir).resolve())
+        config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False,
+            lora: LoraSettings | None = None, base: Path | None = None) -> Path:
+    """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told.
+
+    ``lora``: GRPO trains a LoRA adapter (lr ``profile.rl.lora_lr``) instead of every weight.
+    ``base``: skip pre-training and start from this model folder (another lab run's ``base/``, say).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise RelexError(f"{out} exists; pass --overwrite to replace it")
+    if base is not None and not (Path(base) / "config.json").is_file():
+        raise RelexError(f"--base {base}: not a model folder (no config.json)")
     quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
     import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from relex.lab.evaluate import score_dirs
     from relex.lab.model import build_model, count_parameters
@@ -121,15 +141,25 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
         task = make_task(profile.task, profile.digits, profile.heldout_size)
         base_dir, run_dir = tmp / "base", tmp / "run"
         with clock.phase("pretrain"):
-            tokenizer = build_tokenizer(task.alphabet)
-            model = build_model(profile.shape, tokenizer, seed)
-            pre = pretrain(model, tokenizer, task, profile.pretrain, seed, quiet)
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+            if base is None:
+                tokenizer = build_tokenizer(task.alphabet)
+                model = build_model(profile.shape, tokenizer, seed)
+                pre = pretrain(model, tokenizer, task, profile.pretrain, seed, quiet)
+                model.save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+                pretrained = {**asdict(profile.pretrain), "stopped_at_step": pre.steps, "val_accuracy": pre.val_accuracy,
+                              "in_band": pre.in_band, "rollbacks": pre.rollbacks, "history": pre.history}
+            else:
+                shutil.copytree(base, base_dir)
+                tokenizer = AutoTokenizer.from_pretrained(base_dir)
+                model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+                pretrained = {"from": str(Path(base).resolve())}
         with clock.phase("rl"):
             set_seed(seed)
             policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
-            history = run_grpo(policy, tokenizer, task, profile.rl, run_dir, seed, quiet)
+            grpo = run_grpo(policy, tokenizer, task, profile.rl, run_dir, seed, quiet, lora=lora)
+            if lora is not None:
+                point_adapters_at(run_dir, out / "base")
         last = profile.rl.steps
         cutoffs = cutoff_steps(profile.cutoffs, last)
         with clock.phase("extrapolate"):
@@ -138,17 +168,17 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
             curve_steps = sorted({*range(profile.curve_every, last + 1, profile.curve_every), *cutoffs, last})
             real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
             scores = score_dirs([*real.values(), *(p for o in outputs.values() for p in o.values())], task,
-                                tokenizer_dir=base_dir, quiet=quiet, desc="eval")
+                                tokenizer_dir=base_dir, quiet=quiet, desc="eval", adapter_base=base_dir)
         with clock.phase("weights"):
             curve, rows = _rows(tmp, real, outputs, scores, cutoffs)
             moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
         meta = {
             "profile": profile.name, "seed": seed, "T": last, "cutoffs": cutoffs, "task": task.spec(),
-            "model": {**asdict(profile.shape), "parameters": count_parameters(model)},
-            "pretrain": {**asdict(profile.pretrain), "stopped_at_step": pre.steps, "val_accuracy": pre.val_accuracy,
-                         "in_band": pre.in_band, "rollbacks": pre.rollbacks, "history": pre.history},
-            "rl": asdict(profile.rl),
-            "train_reward": [{"step": h["step"], "reward": h["reward"]} for h in history if "reward" in h],
+            "model": {**(asdict(profile.shape) if base is None else {}), "parameters": count_parameters(model)},
+            "pretrain": pretrained,
+            "rl": {**asdict(profile.rl), "lr_used": profile.rl.lora_lr if lora else profile.rl.lr},
+            "lora": None if lora is None else {**asdict(lora), "trainable_parameters": grpo.trainable_parameters},
+            "train_reward": [{"step": h["step"], "reward": h["reward"]} for h in grpo.history if "reward" in h],
             "drift": moves, "seconds": clock.seconds, "budget": profile.budget, "notes": profile.notes,
         }
         meta["seconds"]["total"] = round(sum(clock.seconds.values()), 2)

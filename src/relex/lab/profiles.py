@@ -46,6 +46,16 @@ class RLConfig:
     scheduler: str = "constant"
     temperature: float = 1.0
     save_every: int = 1
+    lora_lr: float = 1e-4  # learning rate of `relex lab --lora` runs (LoRA needs ~10x the full fine-tuning lr)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A LoRA run: rank and alpha of one adapter on every linear projection of the attention and MLP blocks."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,10 @@ PROFILES: dict[str, Profile] = {
         heldout_size=1000,
         shape=ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
         pretrain=PretrainConfig(lr=6e-3, batch_size=128, max_steps=2000, eval_every=50, band=(0.30, 0.45)),
-        rl=RLConfig(steps=60, prompts_per_step=8, lr=2e-4),
+        rl=RLConfig(steps=60, prompts_per_step=8, lr=2e-4, lora_lr=2e-3),
         curve_every=3,
         budget="under 60 s on 2 CPU cores, whole lab",
+        notes=["--lora: lr 2e-3, 10x the full fine-tuning lr (the usual rule of thumb for LoRA)"],
     ),
     "default": Profile(
         name="default",
@@ -84,9 +95,10 @@ PROFILES: dict[str, Profile] = {
         heldout_size=1000,
         shape=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
         pretrain=PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45)),
-        rl=RLConfig(steps=300, prompts_per_step=32, lr=1e-5),
+        rl=RLConfig(steps=300, prompts_per_step=32, lr=1e-5, lora_lr=1e-4),
         curve_every=10,
         budget="under 5 min on 2 CPU cores, pre-training included",
+        notes=["--lora: lr 1e-4, 10x the full fine-tuning lr (the usual rule of thumb for LoRA)"],
     ),
     "paper": Profile(
         name="paper",
@@ -95,10 +107,11 @@ PROFILES: dict[str, Profile] = {
         heldout_size=2000,
         shape=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
         pretrain=PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45)),
-        rl=RLConfig(steps=500, prompts_per_step=128, lr=3e-6, beta=0.001, scheduler="constant"),
+        rl=RLConfig(steps=500, prompts_per_step=128, lr=3e-6, beta=0.001, scheduler="constant", lora_lr=3e-5),
         curve_every=25,
         budget="about 20-30 min on 2 CPU cores",
         notes=["paper: 500 steps, mini-batch 256 prompts, G=8, lr 1e-6, KL 0.001, constant lr; "
-               "here 128 prompts x 8 and lr 3e-6 so a CPU finishes and the tiny model still moves"],
+               "here 128 prompts x 8 and lr 3e-6 so a CPU finishes and the tiny model still moves",
+               "--lora: lr 3e-5, 10x the full fine-tuning lr (the usual rule of thumb for LoRA)"],
     ),
 }

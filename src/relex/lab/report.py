@@ -30,6 +30,16 @@ def _fmt_err(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
+def _lora_line(lora: dict[str, Any] | None, parameters: int) -> list[str]:
+    """The header line that marks a LoRA run (none for full fine-tuning)."""
+    if lora is None:
+        return []
+    share = 100 * lora["trainable_parameters"] / parameters
+    return ["", f"**LoRA run**: rank {lora['rank']}, alpha {lora['alpha']:g}, on {', '.join(lora['targets'])}; "
+                f"{lora['trainable_parameters']:,} trainable parameters ({share:.1f}% of the model). Checkpoints "
+                "hold the adapter only; they are evaluated and measured as base + merged adapter."]
+
+
 def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     """Main table (one line per model) plus an observation-window x target-step table."""
     n = meta["task"]["heldout_size"]
@@ -38,8 +48,9 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         "",
         f"Task: {meta['task']['task']} ({meta['task']['digits']} digits), held-out n={n}, greedy decoding. "
         f"Model: Qwen2, {meta['model']['parameters']:,} parameters. RLVR: GRPO, {meta['T']} steps "
-        f"({meta['rl']['prompts_per_step']} prompts x {meta['rl']['group_size']}), lr {meta['rl']['lr']:g}, "
+        f"({meta['rl']['prompts_per_step']} prompts x {meta['rl']['group_size']}), lr {meta['rl']['lr_used']:g}, "
         f"beta {meta['rl']['beta']:g}.",
+        *_lora_line(meta.get("lora"), meta["model"]["parameters"]),
         "",
         "Accuracy ± binomial standard error; relative weight error = ||W_pred − W_real|| / ||W_real − W_0|| "
         "against the real checkpoint at the same step (— where none exists).",

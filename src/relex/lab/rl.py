@@ -2,11 +2,14 @@
 
 Checkpoints land in TRL's own layout (``run_dir/checkpoint-N/``: fp32 safetensors, config, tokenizer and
 trainer state, no optimizer state) every ``save_every`` steps, which is what `relex.Trajectory.discover` reads.
+With LoRA (a PEFT ``LoraConfig`` handed to the trainer) a checkpoint holds only the adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``), which relex reads as exact merged deltas.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -15,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from relex.lab.profiles import RLConfig
+from relex.lab.profiles import LoraSettings, RLConfig
 from relex.lab.tasks import Task
 
 
@@ -42,8 +45,16 @@ def prompt_dataset(task: Task, n: int, seed: int) -> Dataset:
     return Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
 
 
-def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int) -> GRPOConfig:
-    """A CPU-only, fp32, deterministic GRPOConfig saving every ``cfg.save_every`` steps."""
+def lora_config(lora: LoraSettings):
+    """PEFT's ``LoraConfig`` for ``lora``: no dropout, no bias, the usual causal-LM task type."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(lora.targets), task_type="CAUSAL_LM")
+
+
+def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int, lora: bool = False) -> GRPOConfig:
+    """A CPU-only, fp32, deterministic GRPOConfig saving every ``cfg.save_every`` steps (LoRA: ``cfg.lora_lr``)."""
     return GRPOConfig(
         output_dir=str(out_dir),
         use_cpu=True,
@@ -55,7 +66,7 @@ def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int) -> GRPOConf
         num_generations=cfg.group_size,
         max_completion_length=task.max_answer_chars + 1,
         temperature=cfg.temperature,
-        learning_rate=cfg.lr,
+        learning_rate=cfg.lora_lr if lora else cfg.lr,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=0,
         weight_decay=0.0,
@@ -73,19 +84,29 @@ def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int) -> GRPOConf
     )
 
 
+@dataclass
+class GRPOResult:
+    """What a run leaves besides its checkpoints: TRL's log history and the count of trained parameters."""
+
+    history: list[dict]
+    trainable_parameters: int
+
+
 def run_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: RLConfig,
-             out_dir: Path, seed: int, quiet: bool = False) -> list[dict]:
-    """Train ``model`` with GRPO, writing ``out_dir/checkpoint-N/``; returns TRL's log history."""
+             out_dir: Path, seed: int, quiet: bool = False, lora: LoraSettings | None = None) -> GRPOResult:
+    """Train ``model`` with GRPO (a fresh LoRA adapter on it if ``lora``), writing ``out_dir/checkpoint-N/``."""
     dataset = prompt_dataset(task, cfg.steps * cfg.prompts_per_step, seed)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=task.reward,
-        args=grpo_config(cfg, task, out_dir, seed),
+        args=grpo_config(cfg, task, out_dir, seed, lora=lora is not None),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[_RewardBar(cfg.steps, quiet)],
+        peft_config=lora_config(lora) if lora else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
-    return trainer.state.log_history
+    return GRPOResult(trainer.state.log_history, trainable)
