@@ -210,6 +210,68 @@ def test_ci_lora_lab_end_to_end(ci_lora_lab: Path, capsys: pytest.CaptureFixture
     assert "--base" in capsys.readouterr().err
 
 
+def _check_predict_extend(out: Path, lab: Path, window: int, horizon: int, rounds: int, lora: bool) -> dict:
+    """What every predict-extend output must hold: M_r folders that load, rounds that add up, honest savings."""
+    from transformers import AutoModelForCausalLM
+
+    from relex.lab.predict_extend import first_step_reaching
+    from relex.trajectory.peft import is_adapter_folder
+
+    doc = json.loads((out / "report.json").read_text())
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert [r["real_steps"] for r in doc["results"]] == [window * r for r in range(1, rounds + 1)]
+    assert [r["effective_step"] for r in doc["results"]] == [(window + horizon) * r for r in range(1, rounds + 1)]
+    assert len({r["seed"] for r in doc["results"]}) == rounds  # a new data seed every round
+    plain = {c["step"]: c["accuracy"] for c in doc["plain_curve"]}
+    lab_curve = {c["step"]: c["accuracy"] for c in json.loads((lab / "report.json").read_text())["curve"]}
+    assert all(plain[s] == a for s, a in lab_curve.items())  # the lab's own scores, refined, never changed
+    for r in doc["results"]:
+        AutoModelForCausalLM.from_pretrained(out / r["model"])
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["stderr"] >= 0
+        first = first_step_reaching(plain, r["accuracy"])
+        assert r["plain_first_step_reaching"] == first
+        assert r["steps_saved"] == (None if first is None else first - r["real_steps"])
+        if first:  # exact to the step: the step before the first crossing was scored and is below
+            assert plain[first - 1] < r["accuracy"]
+    for r in range(2, rounds + 1):
+        run = out / f"round-{r}" / "run"
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, window + 1)]
+        assert all(is_adapter_folder(p) == lora for p in run.glob("checkpoint-*"))
+    md = (out / "report.md").read_text()
+    assert md.startswith("# relex predict-extend") and md.count("\n| ") == rounds + 1
+    return doc
+
+
+@pytest.mark.slow
+def test_predict_extend_on_the_lora_lab(ci_lora_lab: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from relex.cli import main
+
+    out = tmp_path / "pe"
+    args = ["predict-extend", "--lab-dir", str(ci_lora_lab), "--method", "relex", "--window", "3", "--horizon", "3",
+            "--rounds", "2", "--out", str(out), "-q"]
+    assert main(args) == 0
+    doc = _check_predict_extend(out, ci_lora_lab, 3, 3, 2, lora=True)
+    assert doc["lora"]["rank"] == 8 and doc["results"][0]["method_params"]["cutoff"] == 3
+
+    assert main(args) == 2  # an existing --out is refused, on one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert main([*args[:-3], "--out", str(tmp_path / "other"), "--window", "999", "-q"]) == 2
+    assert "beyond the lab run's last step" in capsys.readouterr().err
+    assert main(["predict-extend", "--lab-dir", str(tmp_path), "--window", "3", "--horizon", "3",
+                 "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "not a lab output folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_extend_on_the_full_lab(ci_lab: Path, tmp_path: Path) -> None:
+    from relex.lab.predict_extend import run_predict_extend
+
+    out = run_predict_extend(ci_lab, "two-point", window=2, horizon=2, rounds=2, out=tmp_path / "pe", quiet=True)
+    doc = _check_predict_extend(out, ci_lab, 2, 2, 2, lora=False)
+    assert doc["lora"] is None and doc["method"] == "two-point"
+
+
 def test_relative_weight_error_of_an_adapter(tmp_path: Path) -> None:
     """An adapter checkpoint is measured as base + B @ A * alpha / r."""
     import torch

@@ -30,6 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     lab.set_defaults(func=cmd_lab)
 
+    from relex.methods import METHODS
+
+    pe = subparsers.add_parser("predict-extend", help="alternate W real GRPO steps with K-step extrapolations "
+                                                      "from a lab run; compare with the plain run")
+    pe.add_argument("--lab-dir", type=Path, required=True, help="a finished `relex lab` output folder")
+    pe.add_argument("--method", default="relex", choices=sorted(METHODS), help="extrapolation method (default relex)")
+    pe.add_argument("--window", type=int, required=True, help="W: real GRPO steps observed per round")
+    pe.add_argument("--horizon", type=int, required=True, help="K: steps extrapolated ahead per round")
+    pe.add_argument("--rounds", type=int, default=3, help="R: rounds (default 3)")
+    pe.add_argument("--out", type=Path, required=True, help="output folder (refused if it exists)")
+    pe.add_argument("--overwrite", action="store_true", help="replace an existing --out when done")
+    pe.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
+    pe.set_defaults(func=cmd_predict_extend)
+
     ev = subparsers.add_parser("eval", help="greedy held-out accuracy of model folders")
     ev.add_argument("models", nargs="*", type=Path, metavar="MODEL_DIR", help="HF model folders")
     ev.add_argument("--logits-extrapolate", nargs=2, type=Path, metavar=("ANCHOR", "CUT"),
@@ -64,6 +78,17 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if not args.quiet:
         print((out / "report.md").read_text(), end="")
         print(f"wrote {out}/report.json, report.md, accuracy.png")
+    return 0
+
+
+def cmd_predict_extend(args: argparse.Namespace) -> int:
+    from relex.lab.predict_extend import run_predict_extend
+
+    out = run_predict_extend(args.lab_dir, args.method, args.window, args.horizon, args.rounds, args.out,
+                             overwrite=args.overwrite, quiet=args.quiet)
+    if not args.quiet:
+        print((out / "report.md").read_text(), end="")
+        print(f"wrote {out}/report.json, report.md")
     return 0
 
 
