@@ -65,6 +65,10 @@ def _lab_report(lab_dir: Path) -> dict[str, Any]:
     for key in ("profile", "seed", "T", "task", "curve"):
         if key not in report:
             raise RelexError(f"{path}: no '{key}' entry; re-run `relex lab` with this version")
+    from relex.lab.profiles import PROFILES
+
+    if report["profile"] not in PROFILES:
+        raise RelexError(f"{path}: unknown lab profile {report['profile']!r}")
     for sub in ("base", "run"):
         if not (lab_dir / sub).is_dir():
             raise RelexError(f"{lab_dir}: no {sub}/ folder")
