@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +107,17 @@ def _rms(rows: list[torch.Tensor]) -> float:
     return value if value > 0 else 1.0
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Matrices this small gain nothing from threads, and lose several times over when a core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_group(group: _Group, hidden: int, step_input: bool, epochs: int, lr: float, seed: int
                 ) -> tuple[torch.Tensor, float]:
     """Fit one predictor on a group's samples; returns its predictions for the query rows and the final loss."""
@@ -119,16 +131,17 @@ def train_group(group: _Group, hidden: int, step_input: bool, epochs: int, lr: f
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.1 * lr)
     loss = torch.tensor(float("nan"))
-    for _ in range(epochs):
-        optimizer.zero_grad()
-        loss = (model(x_g, x_l, steps) - y).abs().mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    with torch.no_grad():
-        q_g = torch.stack(group.query_global).float() / scales[0]
-        q_l = torch.stack(group.query_local).float() / scales[1]
-        pred = model(q_g, q_l, torch.ones(len(q_g))) * scales[2]
+    with _one_thread():
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            loss = (model(x_g, x_l, steps) - y).abs().mean()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        with torch.no_grad():
+            q_g = torch.stack(group.query_global).float() / scales[0]
+            q_l = torch.stack(group.query_local).float() / scales[1]
+            pred = model(q_g, q_l, torch.ones(len(q_g))) * scales[2]
     return pred.double(), float(loss.detach())
 
 
