@@ -11,5 +11,5 @@ from relex.materialize import compute_stats, extrapolate
 from relex.methods import METHODS, AlphaRL, DirectMethod, ExPO, Method, NExt, Reconstruct, Relex, TwoPoint
 from relex.trajectory import Trajectory
 
-__all__ = ["METHODS", "AlphaRL", "DirectMethod", "ExPO", "Method", "NExt", "Reconstruct", "Relex", "RelexError", "Trajectory",
-           "TwoPoint", "__version__", "compute_stats", "extrapolate"]
+__all__ = ["METHODS", "AlphaRL", "DirectMethod", "ExPO", "Method", "NExt", "Reconstruct", "Relex", "RelexError",
+           "Trajectory", "TwoPoint", "__version__", "compute_stats", "extrapolate"]

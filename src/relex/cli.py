@@ -135,11 +135,11 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         method, targets, run_info["auto"] = auto_method(stats, args.target, args.cutoff, max_error=args.max_error,
                                                          force=args.force, clip=args.clip)
         log.info("--auto chose %s: %s", run_info["auto"]["chosen"], run_info["auto"]["reason"])
-        method.fit(observed)
+        method.fit(observed, progress=not args.quiet)
         options = {"stats": stats}  # the backtest's statistics: no second Gram pass
     else:
         name = "reconstruct" if args.reconstruct else args.method
-        method = METHODS[name].from_args(args).fit(_trajectory(args))
+        method = METHODS[name].from_args(args).fit(_trajectory(args), progress=not args.quiet)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
     folders = method.save(args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,

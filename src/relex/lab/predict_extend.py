@@ -145,7 +145,8 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
                 run_grpo(policy, AutoTokenizer.from_pretrained(base), task, rl, run, seed, quiet, lora=lora)
                 if lora is not None:
                     point_adapters_at(run, out / base.relative_to(tmp))
-            fitted = build_method(method, window).fit(Trajectory.discover(base, run).observed(window))
+            observed = Trajectory.discover(base, run).observed(window)
+            fitted = build_method(method, window).fit(observed, progress=not quiet)
             (model,) = fitted.save(round_dir / "extrapolated", targets=[target], cache=False, progress=not quiet)
             last_real = run / f"checkpoint-{window}"
             scores = score_dirs([model, last_real], task, tokenizer_dir=base, quiet=quiet, desc=f"eval round {r}",

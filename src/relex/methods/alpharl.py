@@ -170,8 +170,8 @@ class AlphaRL(DirectMethod):
         return cls(cutoff=args.cutoff, target=getattr(args, "alpharl_target", "step"),
                    scores=load_scores(path) if path else None, pls_scale=getattr(args, "alpharl_pls_scale", True))
 
-    def fit(self, trajectory: Trajectory) -> "AlphaRL":
-        super().fit(trajectory)
+    def fit(self, trajectory: Trajectory, progress: bool = True) -> "AlphaRL":
+        super().fit(trajectory, progress)
         config = self.trajectory_.base_config()
         self.vocab_size_ = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         return self

@@ -55,8 +55,11 @@ class Method(ABC):
                 raise RelexError(f"target {target} must be a positive step")
 
     # -- estimator API ---------------------------------------------------------------------------
-    def fit(self, trajectory: Trajectory) -> "Method":
-        """Select the observed checkpoints (step <= cutoff) and validate them against the base."""
+    def fit(self, trajectory: Trajectory, progress: bool = True) -> "Method":
+        """Select the observed checkpoints (step <= cutoff) and validate them against the base.
+
+        ``progress`` draws bars for methods that learn from the checkpoints while fitting (NExt).
+        """
         self.trajectory_ = trajectory.observed(self.cutoff, self.min_checkpoints)
         self.specs_: dict[str, TensorSpec] = self.trajectory_.tensor_specs()
         return self

@@ -187,14 +187,15 @@ class NExt(DirectMethod):
         last = max(observed_steps)
         early = [t for t in targets if t < last]
         if early:
-            raise RelexError(f"next predicts forward from the last observed step {last}; target {early[0]} is before it")
+            raise RelexError(f"next predicts forward from the last observed step {last}; "
+                             f"target {early[0]} is before it")
 
     # -- learning ---------------------------------------------------------------------------------
     def fit(self, trajectory: Trajectory, progress: bool = True) -> "NExt":
         """Read every trained tensor's deltas once, collect its factors, train one predictor per group."""
         from relex.materialize.stream import DeltaStream
 
-        super().fit(trajectory)
+        super().fit(trajectory, progress)
         steps = self.trajectory_.steps
         self.horizon_ = self.horizon or default_horizon(steps)
         pairs = [(i, steps.index(s + self.horizon_)) for i, s in enumerate(steps) if s + self.horizon_ in steps]
