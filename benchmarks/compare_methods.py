@@ -3,9 +3,13 @@
 Runs ``relex extrapolate --method NAME`` (a subprocess, timed, memory sampled from /proc) from one
 cutoff to the targets T and 2T (T = the run's last step), scores every output on the lab task, and
 adds logits extrapolation (scored by decoding; it writes no weights). ExPO takes one target per run,
-with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. Prints a table, writes JSON.
+with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. NExt runs twice: as published
+(no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
+(``relex lab --lora``: real checkpoints are adapters, merged onto the base to be scored and compared).
+Prints a table, writes JSON.
 
     python benchmarks/compare_methods.py --lab-dir runs/lab-default
+    python benchmarks/compare_methods.py --lab-dir runs/lab-default-lora --json benchmarks/results/compare_lora.json
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ def main() -> None:
     targets = [last, 2 * last]
     scratch = lab / "compare-outputs"
     shutil.rmtree(scratch, ignore_errors=True)
-    runs = [("relex", [], targets), ("two-point", [], targets), ("alpharl", [], targets)]
-    runs += [("expo", ["--expo-alpha", str((t - cutoff) / cutoff)], [t]) for t in targets]
+    runs = [("relex", "relex", [], targets), ("two-point", "two-point", [], targets),
+            ("alpharl", "alpharl", [], targets), ("next", "next", [], targets),
+            ("next+step", "next", ["--next-step-input"], targets)]
+    runs += [("expo", "expo", ["--expo-alpha", str((t - cutoff) / cutoff)], [t]) for t in targets]
+    adapter_base = lab / "base" if meta.get("lora") else None
     rows = []
-    for method, extra, wanted in runs:
-        out = scratch / f"{method}-{wanted[0]}"
+    for label, method, extra, wanted in runs:
+        out = scratch / f"{label}-{wanted[0]}"
         cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(lab / "base"), "--run", str(lab / "run"),
                "--cutoff", str(cutoff), "--method", method, "--out", str(out), "--no-cache", "-q", *extra]
         for t in wanted:
@@ -54,11 +61,11 @@ def main() -> None:
         for t in wanted:
             real = lab / "run" / f"checkpoint-{t}"
             score = scores[out / f"step-{t}"]
-            rows.append({"method": method, "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
+            rows.append({"method": label, "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
                          "weight_error": relative_weight_error(out / f"step-{t}", real, lab / "base")
                          if real.is_dir() else None,
                          "seconds": cost["seconds"], "peak_anon_bytes": cost["peak_anon"]})
-    anchor, cut = load_model(lab / "base"), load_model(lab / "run" / f"checkpoint-{cutoff}")
+    anchor, cut = load_model(lab / "base"), load_model(lab / "run" / f"checkpoint-{cutoff}", adapter_base)
     tokenizer = load_tokenizer(lab / "base")
     for t in targets:
         start = time.perf_counter()
@@ -66,9 +73,10 @@ def main() -> None:
         rows.append({"method": "logits", "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
                      "weight_error": None, "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
     real_scores = score_dirs([lab / "base", lab / "run" / f"checkpoint-{cutoff}", lab / "run" / f"checkpoint-{last}"],
-                             task, tokenizer_dir=lab / "base", quiet=True)
+                             task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base)
     shutil.rmtree(scratch, ignore_errors=True)
-    print(f"lab {meta['profile']} seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
+    kind = f"LoRA rank {meta['lora']['rank']}" if meta.get("lora") else "full fine-tune"
+    print(f"lab {meta['profile']} ({kind}) seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
           f"{real_scores[lab / 'base'].accuracy:.3f}, real at cutoff "
           f"{real_scores[lab / 'run' / f'checkpoint-{cutoff}'].accuracy:.3f}, real at T "
           f"{real_scores[lab / 'run' / f'checkpoint-{last}'].accuracy:.3f}")
@@ -79,7 +87,7 @@ def main() -> None:
         print(f"{r['method']:>10} {r['target']:>6} {r['accuracy']:>8.3f} ± {r['stderr']:.3f} {err:>10} "
               f"{r['seconds']:>8.1f} {mem:>10}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"lab": str(lab), "cutoff": cutoff, "T": last, "rows": rows,
+    args.json.write_text(json.dumps({"lab": str(lab), "lora": meta.get("lora"), "cutoff": cutoff, "T": last, "rows": rows,
                                      "real": {str(k): v.as_dict() for k, v in real_scores.items()}}, indent=2) + "\n")
 
 
