@@ -2,7 +2,8 @@
 
 Runs ``relex extrapolate --method NAME`` (a subprocess, timed, memory sampled from /proc) from one
 cutoff to the targets T and 2T (T = the run's last step), scores every output on the lab task, and
-adds logits extrapolation (scored by decoding; it writes no weights). ExPO takes one target per run,
+adds logits extrapolation (scored by decoding; it writes no weights) and the baseline every method
+must beat, ``stop``: the cutoff checkpoint itself. ExPO takes one target per run,
 with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. NExt runs twice: as published
 (no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
 (``relex lab --lora``: real checkpoints are adapters, merged onto the base to be scored and compared).
@@ -74,6 +75,11 @@ def main() -> None:
                      "weight_error": None, "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
     real_scores = score_dirs([lab / "base", lab / "run" / f"checkpoint-{cutoff}", lab / "run" / f"checkpoint-{last}"],
                              task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base)
+    stop = real_scores[lab / "run" / f"checkpoint-{cutoff}"]  # the baseline: keep the cutoff checkpoint
+    rows.insert(0, {"method": "stop", "target": last, "accuracy": stop.accuracy, "stderr": stop.stderr,
+                    "weight_error": relative_weight_error(lab / "run" / f"checkpoint-{cutoff}",
+                                                          lab / "run" / f"checkpoint-{last}", lab / "base"),
+                    "seconds": 0.0, "peak_anon_bytes": None})
     shutil.rmtree(scratch, ignore_errors=True)
     kind = f"LoRA rank {meta['lora']['rank']}" if meta.get("lora") else "full fine-tune"
     print(f"lab {meta['profile']} ({kind}) seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
