@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import STEPS, drift_run, rank1_run, save_pico_model
 from relex import METHODS, AlphaRL, ExPO, NExt, Relex, RelexError, Trajectory, TwoPoint, compute_stats

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import drift_run, save_pico_model
-from relex import Relex, Trajectory, compute_stats
+from relex import Relex, Trajectory
 from relex.analysis.auto import auto_method
 from relex.analysis.backtest import backtest, choose, default_settings, safe_horizon
 from relex.analysis.diagnostics import diagnose, verdict

@@ -46,6 +46,23 @@ def quiet_libraries(quiet: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A fresh hidden sibling of ``out`` to build in: renamed to ``out`` (replacing it) only when the block
+    completes, removed if it fails, so a half-written output never appears."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 class _Clock:
     """Wall time per phase, for the report."""
 
@@ -133,11 +150,8 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
     # 2-core machine a second busy-waiting thread makes these tiny models several times slower, not faster.
     torch.set_num_threads(1)
     set_seed(seed)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     clock = _Clock()
-    try:
+    with building(out) as tmp:
         task = make_task(profile.task, profile.digits, profile.heldout_size)
         base_dir, run_dir = tmp / "base", tmp / "run"
         with clock.phase("pretrain"):
@@ -183,10 +197,4 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
         }
         meta["seconds"]["total"] = round(sum(clock.seconds.values()), 2)
         report.write(tmp, meta, rows, curve)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -107,7 +105,7 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
         raise RelexError(f"--window {window} is beyond the lab run's last step {lab['T']}")
     build_method(method, window)  # refuse an unknown or unbuildable method before any work
 
-    from relex.lab.lab import point_adapters_at, quiet_libraries
+    from relex.lab.lab import building, point_adapters_at, quiet_libraries
 
     quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
     import torch
@@ -128,11 +126,8 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
     lora = LoraSettings(lab_lora["rank"], lab_lora["alpha"], tuple(lab_lora["targets"])) if lab_lora else None
     rl = replace(profile.rl, steps=window)
     target = window + horizon
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     start = time.perf_counter()
-    try:
+    with building(out) as tmp:
         results: list[dict[str, Any]] = []
         base, run = lab_dir / "base", lab_dir / "run"
         for r in tqdm(range(1, rounds + 1), desc="predict-extend", disable=quiet, leave=False):
@@ -177,12 +172,6 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
         }
         (tmp / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(doc))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -24,8 +24,7 @@ from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import TensorSpec, Trajectory
 from relex.units import parse_size
-from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name,
-                          warn_if_no_tokenizer)
+from relex.writer import ModelFolderWriter, PlannedTensor, check_output_free, warn_if_no_tokenizer
 
 log = logging.getLogger(__name__)
 
