@@ -202,6 +202,7 @@ class NExt(DirectMethod):
         if not pairs:
             raise RelexError(f"next --next-horizon {self.horizon_}: no two observed steps are {self.horizon_} apart "
                              f"(observed {steps})")
+        positions = [s / steps[-1] for s in steps]  # the step input: t / c
         stream = DeltaStream(self.trajectory_, memory_budget=0)
         groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
         names = [n for n, s in self.specs_.items() if s.dtype.is_floating_point and s.numel > 1]
@@ -211,15 +212,13 @@ class NExt(DirectMethod):
             if not bool(torch.any(stack != 0)):
                 continue  # untouched by training (e.g. outside a LoRA's target modules)
             if len(spec.shape) == 1:
-                self._collect_vector(groups, name, stack, pairs)
+                self._collect_vector(groups, name, stack, pairs, positions)
             else:
-                self._collect_matrix(groups, name, stack.view(len(steps), spec.shape[0], -1), pairs)
+                self._collect_matrix(groups, name, stack.view(len(steps), spec.shape[0], -1), pairs, positions)
         self.predicted_: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self.losses_: dict[str, float] = {}
-        scale = {i: s / steps[-1] for i, s in enumerate(steps)}
         for (role, dim), group in tqdm(sorted(groups.items()), desc="next: predictors", disable=not progress,
                                        leave=False):
-            group.step = [scale[i] for i in group.step]
             pred, loss = train_group(group, self.hidden, self.step_input, self.epochs, self.lr, self.seed)
             self.losses_[f"{role}:{dim}"] = loss
             for owner, row in zip(group.owners, pred):
@@ -228,7 +227,8 @@ class NExt(DirectMethod):
                  len(groups), self.losses_)
         return self
 
-    def _collect_vector(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    def _collect_vector(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]],
+                        positions: list[float]) -> None:
         """A 1-D tensor: its raw global, local and k-step deltas are the factor."""
         local = torch.diff(stack, dim=0, prepend=torch.zeros_like(stack[:1]))
         group = groups[("vector", stack.shape[1])]
@@ -236,12 +236,13 @@ class NExt(DirectMethod):
             group.x_global.append(stack[i].clone())
             group.x_local.append(local[i].clone())
             group.label.append(stack[j] - stack[i])
-            group.step.append(i)
+            group.step.append(positions[i])
         group.query_global.append(stack[-1].clone())
         group.query_local.append(local[-1].clone())
         group.owners.append(name)
 
-    def _collect_matrix(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    def _collect_matrix(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]],
+                        positions: list[float]) -> None:
         """A matrix: the sign-fixed rank-1 factors of every global, local and k-step delta."""
         reference = rank1(stack[-1])
         global_ = [rank1(stack[t], reference) for t in range(len(stack))]
@@ -258,7 +259,7 @@ class NExt(DirectMethod):
                 group.x_global.append(part(global_[i]))
                 group.x_local.append(part(local[i]))
                 group.label.append(part(labels[(i, j)]))
-                group.step.append(i)
+                group.step.append(positions[i])
             group.query_global.append(part(global_[-1]))
             group.query_local.append(part(local[-1]))
             group.owners.append(name)
