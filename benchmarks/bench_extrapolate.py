@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--checkpoints", type=int, default=16, help="T, the number of observed checkpoints")
     parser.add_argument("--budget", action="append", help="memory budgets to run (default: 2GB and 256MB)")
+    parser.add_argument("--method", default="relex", help="relex extrapolate --method (default relex)")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
     args = parser.parse_args()
@@ -127,9 +128,9 @@ def main() -> None:
             out = scratch / f"out-{budget}"
             run = measure([sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"),
                            "--run", str(scratch / "run"), "--target", str(4 * len(steps)), "--out", str(out),
-                           "--memory-budget", budget, "--no-cache", "-q"])
+                           "--memory-budget", budget, "--method", args.method, "--no-cache", "-q"])
             shutil.rmtree(out)
-            rows.append({"model": args.model, "params": params, "checkpoints": len(steps), "budget": budget,
+            rows.append({"model": args.model, "method": args.method, "params": params, "checkpoints": len(steps), "budget": budget,
                          "input_bytes": input_bytes, "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
                          "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
                          "peak_rss_bytes": run["peak_rss"]})

@@ -108,8 +108,8 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
         for folder in folders:
             writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
         order = writers[0].order
-        passes = {n: 1 if n in loaded or isinstance(method, DirectMethod)
-                  or len(stream.blocks(specs[n])) == 1 else 2 for n in order}
+        passes = {n: 1 if n in loaded or (len(stream.blocks(specs[n])) == 1 and not isinstance(method, DirectMethod))
+                  else 2 for n in order}
         total = sum(_pass_bytes(specs[n], len(trajectory.steps)) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
@@ -146,12 +146,11 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
             for writer in writers:
                 writer.weights.write(name, block.to(dtype))
         return cached or stream.stats(name, spec)
-    if isinstance(method, DirectMethod):  # needs the whole tensor's stack, whatever the budget
-        stack, base = stream.read(name, 0, spec.rows)
-        stats = cached or stream.stats(name, spec, stack)
-        deltas = method.predict_deltas(name, stack.view((-1,) + spec.shape), stats.steps, targets)
-        for writer, delta in zip(writers, deltas):
-            writer.weights.write(name, (delta.reshape(-1) + base).to(dtype).reshape(spec.shape))
+    if isinstance(method, DirectMethod):  # reads whole checkpoints one at a time, not row blocks
+        stats = cached or stream.stats(name, spec)
+        deltas = stream.deltas(name)
+        for writer, delta in zip(writers, method.predict_deltas(name, deltas, stats.steps, targets)):
+            writer.weights.write(name, (delta + deltas.base).to(dtype))
         return stats
     stack = None
     if len(blocks) == 1 and cached is None:

@@ -92,6 +92,10 @@ class DeltaStream:
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
+    def deltas(self, name: str) -> "TensorDeltas":
+        """One tensor's deltas, one checkpoint at a time (for methods that are not weighted sums)."""
+        return TensorDeltas(self, name)
+
     def weighted_sums(self, stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         """W_0 + sum_t weights[j, t] Delta_t for every row j of ``weights``, in float64."""
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
@@ -103,3 +107,29 @@ class DeltaStream:
         """``values`` converted to the output dtype in a reused buffer (no allocation per tensor)."""
         out = self.buffer(f"out-{dtype}", (values.numel(),), dtype)
         return out.copy_(values.reshape(-1)).view(shape)
+
+
+class TensorDeltas:
+    """The deltas of one tensor, read one checkpoint at a time: ``deltas[t]`` is checkpoint t's whole
+    W_t - W_0 as a new float64 tensor of the tensor's shape, ``len(deltas)`` the number of checkpoints.
+
+    Methods that are not weighted sums (AlphaRL, NExt) work checkpoint by checkpoint, so their memory is a
+    few copies of the largest tensor, whatever the number of checkpoints (a stacked tensor serves too).
+    """
+
+    def __init__(self, stream: DeltaStream, name: str) -> None:
+        self.stream, self.name = stream, name
+        self.spec = stream.base.specs[name]
+        self.base = stream.base.read(name).to(device=stream.device, dtype=torch.float64).reshape(self.spec.shape)
+
+    def __len__(self) -> int:
+        return len(self.stream.readers)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        reader = self.stream.readers[index]
+        if isinstance(reader, AdapterReader):
+            return reader.read_delta(self.name).to(device=self.stream.device, dtype=torch.float64)
+        raw = self.stream.buffer("raw", (self.spec.numel * self.spec.dtype.itemsize,), torch.uint8,
+                                 torch.device("cpu"))
+        value = reader.read(self.name, 0, self.spec.rows, raw).reshape(self.spec.shape)
+        return value.to(device=self.stream.device, dtype=torch.float64) - self.base

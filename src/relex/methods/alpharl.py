@@ -9,7 +9,7 @@ target's y gives a_T. The prediction is W_T = W_0 + a_T v_cut^T with v_cut the l
 checkpoint's right vector. The basis is re-derived at every step; that is the difference RELEX's
 shared trajectory basis removes.
 
-Not a weighted sum of observed deltas, so it is a ``DirectMethod``: it sees one tensor's whole stack.
+Not a weighted sum of observed deltas, so it is a ``DirectMethod``: it reads one checkpoint's delta at a time.
 The triplets come from block subspace iteration in float64 (no full SVD of any Delta_t), warm-started
 from the previous checkpoint's v and stopped on the triplet's residual ||D^T u - s v|| / s.
 
@@ -191,12 +191,12 @@ class AlphaRL(DirectMethod):
         """2-D, and not the embedding or LM head (a dimension equal to the vocabulary size)."""
         return len(shape) == 2 and (self.vocab_size_ is None or self.vocab_size_ not in shape)
 
-    def factors(self, name: str, stack: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """The a_t (T x m, signs as found) and the last checkpoint's v, for a T x m x n stack."""
-        a = np.zeros(stack.shape[:2])
+    def factors(self, name: str, deltas: Sequence[torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
+        """The a_t (T x m, signs as found) and the last checkpoint's v, from T deltas of shape m x n."""
+        a = np.zeros((len(deltas), deltas[0].shape[0]))
         v = None
-        for t in range(stack.shape[0]):
-            u, s, v_t, converged = top_singular_triplet(stack[t], v)
+        for t in range(len(deltas)):
+            u, s, v_t, converged = top_singular_triplet(deltas[t], v)
             if not converged:
                 log.warning("alpharl: %s at checkpoint %d: top singular vector did not converge in %d steps",
                             name, t, MAX_ITER)
@@ -204,12 +204,12 @@ class AlphaRL(DirectMethod):
             v = v_t
         return a, v
 
-    def predict_deltas(self, name: str, stack: torch.Tensor, steps: np.ndarray,
+    def predict_deltas(self, name: str, deltas: Sequence[torch.Tensor], steps: np.ndarray,
                        targets: Sequence[float]) -> torch.Tensor:
-        shape = tuple(stack.shape[1:])
-        if not self.in_scope(shape):  # kept at the cutoff checkpoint
-            return stack[-1].unsqueeze(0).expand((len(targets),) + shape).clone()
-        a, v = self.factors(name, stack)
+        last = deltas[len(deltas) - 1]
+        if not self.in_scope(tuple(last.shape)):  # kept at the cutoff checkpoint
+            return last.unsqueeze(0).expand((len(targets),) + tuple(last.shape)).clone()
+        a, v = self.factors(name, deltas)
         aligned, _ = align_signs(a)
         if self.target == "accuracy":
             y = np.array([self.scores[int(s)] for s in steps])
@@ -217,5 +217,5 @@ class AlphaRL(DirectMethod):
         else:
             y, goals = np.asarray(steps, dtype=np.float64), [float(t) for t in targets]
         pls = PLS1.fit(aligned, y, scale=self.pls_scale)
-        a_target = torch.from_numpy(np.stack([pls.invert(g) for g in goals])).to(stack)
+        a_target = torch.from_numpy(np.stack([pls.invert(g) for g in goals])).to(last)
         return a_target[:, :, None] * v[None, None, :]

@@ -74,14 +74,15 @@ class Method(ABC):
 class DirectMethod(Method):
     """A method whose prediction is not a weighted sum of observed deltas (e.g. AlphaRL's per-step SVDs).
 
-    It sees one tensor's whole delta stack at a time (T x shape, float64), so its memory is that of
-    the largest tensor's stack rather than the budget's row blocks.
+    It reads one tensor's deltas a whole checkpoint at a time (``relex.materialize.stream.TensorDeltas``,
+    or any sequence of float64 tensors), so its memory is a few copies of the largest tensor, whatever
+    the number of checkpoints, rather than the budget's row blocks.
     """
 
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         raise TypeError(f"{self.name} predicts deltas directly; it has no weights on observed deltas")
 
     @abstractmethod
-    def predict_deltas(self, name: str, stack: torch.Tensor, steps: np.ndarray,
+    def predict_deltas(self, name: str, deltas: Sequence[torch.Tensor], steps: np.ndarray,
                        targets: Sequence[float]) -> torch.Tensor:
-        """Predicted deltas, (len(targets),) + the tensor's shape, float64, from its stack (T x shape)."""
+        """Predicted deltas, (len(targets),) + the tensor's shape, float64; ``deltas[t]`` is checkpoint t's."""

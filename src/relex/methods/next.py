@@ -17,8 +17,9 @@ Differences from the public code, each deliberate:
 - defaults lr 1e-3 with 1000 full-batch steps (the original: 2e-5), chosen before any measurement
   because its widths (256) and step count are the same and inputs here are standardized.
 
-Not a weighted sum of deltas: a ``DirectMethod``. ``fit`` reads every tensor's stack once (one tensor
-in memory at a time) to learn; the writing pass reads them again.
+Not a weighted sum of deltas: a ``DirectMethod``. ``fit`` reads every checkpoint of every tensor (one
+tensor, and at most three of its checkpoints, in memory at a time) to learn; the writing pass reads the
+last checkpoint again.
 """
 
 from __future__ import annotations
@@ -207,14 +208,12 @@ class NExt(DirectMethod):
         groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
         names = [n for n, s in self.specs_.items() if s.dtype.is_floating_point and s.numel > 1]
         for name in tqdm(names, desc="next: factors", disable=not progress, leave=False):
-            spec = self.specs_[name]
-            stack, _ = stream.read(name, 0, spec.rows)
-            if not bool(torch.any(stack != 0)):
-                continue  # untouched by training (e.g. outside a LoRA's target modules)
-            if len(spec.shape) == 1:
-                self._collect_vector(groups, name, stack, pairs, positions)
+            deltas = stream.deltas(name)
+            if len(self.specs_[name].shape) == 1:
+                self._collect_vector(groups, name, torch.stack([deltas[t] for t in range(len(steps))]), pairs,
+                                     positions)
             else:
-                self._collect_matrix(groups, name, stack.view(len(steps), spec.shape[0], -1), pairs, positions)
+                self._collect_matrix(groups, name, deltas, pairs, positions)
         self.predicted_: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self.losses_: dict[str, float] = {}
         for (role, dim), group in tqdm(sorted(groups.items()), desc="next: predictors", disable=not progress,
@@ -229,7 +228,9 @@ class NExt(DirectMethod):
 
     def _collect_vector(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]],
                         positions: list[float]) -> None:
-        """A 1-D tensor: its raw global, local and k-step deltas are the factor."""
+        """A 1-D tensor (T x n stack, small): its raw global, local and k-step deltas are the factor."""
+        if not bool(torch.any(stack != 0)):
+            return  # untouched by training
         local = torch.diff(stack, dim=0, prepend=torch.zeros_like(stack[:1]))
         group = groups[("vector", stack.shape[1])]
         for i, j in pairs:
@@ -241,14 +242,30 @@ class NExt(DirectMethod):
         group.query_local.append(local[-1].clone())
         group.owners.append(name)
 
-    def _collect_matrix(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]],
+    def _collect_matrix(self, groups, name: str, deltas: Sequence[torch.Tensor], pairs: list[tuple[int, int]],
                         positions: list[float]) -> None:
-        """A matrix: the sign-fixed rank-1 factors of every global, local and k-step delta."""
-        reference = rank1(stack[-1])
-        global_ = [rank1(stack[t], reference) for t in range(len(stack))]
-        local = [rank1(stack[t] - (stack[t - 1] if t else 0), reference) for t in range(len(stack))]
-        labels = {(i, j): rank1(stack[j] - stack[i], reference) for i, j in pairs}
-        m, n = stack.shape[1:]
+        """A matrix: the sign-fixed rank-1 factors of every global, local and k-step delta.
+
+        Reads one checkpoint at a time (two live, plus a re-read for each label), never the whole stack.
+        """
+        count = len(deltas)
+
+        def delta(t: int) -> torch.Tensor:
+            d = deltas[t]
+            return d.reshape(d.shape[0], -1)
+
+        last = delta(count - 1)
+        reference = rank1(last)
+        global_, local, previous = [], [], None
+        for t in range(count):
+            current = last if t == count - 1 else delta(t)
+            global_.append(rank1(current, reference))
+            local.append(rank1(current - previous if previous is not None else current, reference))
+            previous = current
+        if all(s == 0 for _, s, _ in global_):
+            return  # untouched by training (e.g. outside a LoRA's target modules)
+        labels = {(i, j): rank1(delta(j) - delta(i), reference) for i, j in pairs}
+        m, n = last.shape
         for role, index, dim in (("u", 0, m), ("s", 1, 1), ("v", 2, n)):
             group = groups[(role, dim)]
 
@@ -276,10 +293,10 @@ class NExt(DirectMethod):
         u, v = u / u.norm().clamp_min(1e-30), v / v.norm().clamp_min(1e-30)
         return (factors["s"][0] * torch.outer(u, v)).reshape(shape)
 
-    def predict_deltas(self, name: str, stack: torch.Tensor, steps: np.ndarray,
+    def predict_deltas(self, name: str, deltas: Sequence[torch.Tensor], steps: np.ndarray,
                        targets: Sequence[float]) -> torch.Tensor:
-        shape = tuple(stack.shape[1:])
-        latest = stack[-1]
+        latest = deltas[len(deltas) - 1]
+        shape = tuple(latest.shape)
         out = latest.unsqueeze(0).expand((len(targets),) + shape).clone()
         delta = self.k_step_delta(name, shape)
         if delta is not None:
