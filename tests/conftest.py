@@ -96,6 +96,23 @@ def rank1_run(base, run, steps=STEPS, slope=0.05, offset=0.1, seed=3):
     return w0, directions, saved, (lambda step: slope * step + offset)
 
 
+def predicted_deltas(folder: Path, base: Path) -> dict[str, np.ndarray]:
+    """W_pred - W_0 per tensor of an output folder, float64."""
+    from relex.trajectory import CheckpointReader
+
+    w0 = load_file(str(base / "model.safetensors"))
+    reader = CheckpointReader(folder)
+    return {n: (reader.read(n).double() - w0[n].double()).numpy() for n in reader.specs}
+
+
+def relative_error(pred: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(pred - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def max_relative_error(pred: dict, ref: dict) -> float:
+    return max(relative_error(pred[n], ref[n]) for n in ref)
+
+
 @pytest.fixture
 def pico(tmp_path: Path):
     """(base folder, run folder, {step: tensors}) for a Qwen2 pico model and a TRL-layout drift run."""

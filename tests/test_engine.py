@@ -9,19 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import STEPS, drift_run, numpy_relex, save_pico_model
-from relex import Reconstruct, Relex, Trajectory, TwoPoint, compute_stats
+from conftest import STEPS, drift_run, max_relative_error, numpy_relex, predicted_deltas, save_pico_model
+from relex import ExPO, Reconstruct, Relex, Trajectory, TwoPoint, compute_stats
 from relex.trajectory import CheckpointReader
-
-
-def predicted_deltas(folder, base) -> dict[str, np.ndarray]:
-    w0 = load_file(str(base / "model.safetensors"))
-    reader = CheckpointReader(folder)
-    return {n: (reader.read(n).double() - w0[n].double()).numpy() for n in reader.specs}
-
-
-def max_relative_error(pred: dict, ref: dict) -> float:
-    return max(np.linalg.norm(pred[n] - ref[n]) / max(np.linalg.norm(ref[n]), 1e-30) for n in ref)
 
 
 @pytest.mark.parametrize("layout", ["trl", "verl", "openrlhf", "plain"])
@@ -110,13 +100,15 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 
 def test_exactly_linear_trajectory_is_hit_by_linear_methods(tmp_path):
-    """A line through the base: RELEX and two-point (from the base) both land on it at any target."""
+    """A line through the base: RELEX, two-point (from the base or a later anchor) and ExPO aimed at the
+    target all land on it."""
     base = save_pico_model(tmp_path / "base")
     drift_run(base, tmp_path / "run", noise=0.0, offset=0.0)
     truth = drift_run(base, tmp_path / "future", steps=[100], noise=0.0, offset=0.0)[100]
     traj = Trajectory.discover(base, tmp_path / "run")
     w0 = load_file(str(base / "model.safetensors"))
-    for method in (Relex(cutoff=8), TwoPoint(cutoff=8), TwoPoint(cutoff=8, anchor=3)):
+    for method in (Relex(cutoff=8), TwoPoint(cutoff=8), TwoPoint(cutoff=8, anchor=3),
+                   ExPO(alpha=(100 - 8) / 8, cutoff=8)):
         out = tmp_path / f"{method.name}-{method.params().get('anchor', 0)}"
         [folder] = method.fit(traj).save(out, [100], progress=False, cache=False)
         pred = predicted_deltas(folder, base)
