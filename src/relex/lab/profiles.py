@@ -75,6 +75,10 @@ class Profile:
     notes: list[str] = field(default_factory=list)
 
 
+# `default` and `paper` share one model and its pre-training: they differ only in the RL run.
+LAB_MODEL = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
+LAB_PRETRAIN = PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45))
+
 PROFILES: dict[str, Profile] = {
     "ci": Profile(
         name="ci",
@@ -93,8 +97,8 @@ PROFILES: dict[str, Profile] = {
         task="addition",
         digits=3,
         heldout_size=1000,
-        shape=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
-        pretrain=PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45)),
+        shape=LAB_MODEL,
+        pretrain=LAB_PRETRAIN,
         rl=RLConfig(steps=300, prompts_per_step=32, lr=1e-5, lora_lr=1e-4),
         curve_every=10,
         budget="under 5 min on 2 CPU cores, pre-training included",
@@ -105,8 +109,8 @@ PROFILES: dict[str, Profile] = {
         task="addition",
         digits=3,
         heldout_size=2000,
-        shape=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
-        pretrain=PretrainConfig(lr=3e-3, batch_size=128, max_steps=3000, eval_every=25, band=(0.30, 0.45)),
+        shape=LAB_MODEL,
+        pretrain=LAB_PRETRAIN,
         rl=RLConfig(steps=500, prompts_per_step=128, lr=3e-6, beta=0.001, scheduler="constant", lora_lr=3e-5),
         curve_every=25,
         budget="about 20-30 min on 2 CPU cores",
