@@ -108,8 +108,7 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
         for folder in folders:
             writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
         order = writers[0].order
-        passes = {n: 1 if n in loaded or (len(stream.blocks(specs[n])) == 1 and not isinstance(method, DirectMethod))
-                  else 2 for n in order}
+        passes = {n: 1 if n in loaded or len(stream.blocks(specs[n])) == 1 else 2 for n in order}
         total = sum(_pass_bytes(specs[n], len(trajectory.steps)) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
@@ -146,11 +145,17 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
             for writer in writers:
                 writer.weights.write(name, block.to(dtype))
         return cached or stream.stats(name, spec)
-    if isinstance(method, DirectMethod):  # reads whole checkpoints one at a time, not row blocks
-        stats = cached or stream.stats(name, spec)
-        deltas = stream.deltas(name)
+    if isinstance(method, DirectMethod):  # whole checkpoints: the stack in one read when it fits, else one by one
+        if len(blocks) == 1:
+            stack, base = stream.read(name, 0, spec.rows)
+            stats = cached or stream.stats(name, spec, stack)
+            deltas = stack.view((-1,) + spec.shape)
+        else:
+            stats = cached or stream.stats(name, spec)
+            deltas = stream.deltas(name)
+            base = deltas.base.reshape(-1)
         for writer, delta in zip(writers, method.predict_deltas(name, deltas, stats.steps, targets)):
-            writer.weights.write(name, (delta + deltas.base).to(dtype))
+            writer.weights.write(name, (delta.reshape(-1) + base).to(dtype).reshape(spec.shape))
         return stats
     stack = None
     if len(blocks) == 1 and cached is None:
