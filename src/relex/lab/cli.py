@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default 16)")
     lab.add_argument("--base", type=Path, help="skip pre-training: start GRPO from this model folder "
                                                "(e.g. another lab run's base/)")
+    lab.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared "
+                                                            "2-core machine; the count changes the trajectory)")
     lab.add_argument("--overwrite", action="store_true", help="replace an existing --out when done")
     lab.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     lab.set_defaults(func=cmd_lab)
@@ -70,11 +72,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if not args.lora and (args.lora_rank, args.lora_alpha) != (8, 16.0):
         raise RelexError("--lora-rank and --lora-alpha need --lora")
+    if args.threads < 1:
+        raise RelexError(f"--threads {args.threads} must be >= 1")
     if args.lora_rank < 1 or args.lora_alpha <= 0:
         raise RelexError(f"--lora-rank {args.lora_rank} must be >= 1 and --lora-alpha {args.lora_alpha:g} > 0")
     lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha) if args.lora else None
     out = run_lab(PROFILES[args.profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
-                  lora=lora, base=args.base)
+                  lora=lora, base=args.base, threads=args.threads)
     if not args.quiet:
         print((out / "report.md").read_text(), end="")
         print(f"wrote {out}/report.json, report.md, accuracy.png")

@@ -124,11 +124,12 @@ def point_adapters_at(run_dir: Path, base_dir: Path) -> None:
 
 
 def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False,
-            lora: LoraSettings | None = None, base: Path | None = None) -> Path:
+            lora: LoraSettings | None = None, base: Path | None = None, threads: int = 1) -> Path:
     """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told.
 
     ``lora``: GRPO trains a LoRA adapter (lr ``profile.rl.lora_lr``) instead of every weight.
     ``base``: skip pre-training and start from this model folder (another lab run's ``base/``, say).
+    ``threads``: torch's CPU threads (default 1; see below).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -146,9 +147,9 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
     from relex.lab.tasks import make_task
     from relex.lab.tokenizer import build_tokenizer
 
-    # One thread: results do not depend on the thread count (seeded runs repeat exactly), and on a shared
-    # 2-core machine a second busy-waiting thread makes these tiny models several times slower, not faster.
-    torch.set_num_threads(1)
+    # One thread by default: on a shared 2-core machine a second busy-waiting thread makes these tiny models
+    # several times slower, not faster. The thread count changes float reduction order, hence the trajectory.
+    torch.set_num_threads(threads)
     set_seed(seed)
     clock = _Clock()
     with building(out) as tmp:
