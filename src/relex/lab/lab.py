@@ -188,7 +188,7 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
             curve, rows = _rows(tmp, real, outputs, scores, cutoffs)
             moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
         meta = {
-            "profile": profile.name, "seed": seed, "T": last, "cutoffs": cutoffs, "task": task.spec(),
+            "profile": profile.name, "seed": seed, "threads": threads, "T": last, "cutoffs": cutoffs, "task": task.spec(),
             "model": {**(asdict(profile.shape) if base is None else {}), "parameters": count_parameters(model)},
             "pretrain": pretrained,
             "rl": {**asdict(profile.rl), "lr_used": profile.rl.lora_lr if lora else profile.rl.lr},
