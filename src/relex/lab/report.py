@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,13 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[Row], curve: list[Row]
     (out_dir / "report.md").write_text(markdown(meta, rows))
     plot(out_dir / "accuracy.png", curve, rows,
          f"relex lab ({meta['profile']}): {meta['task']['task']}, {meta['task']['digits']} digits")
+
+
+def early_gain(report: dict[str, Any]) -> float:
+    """The RL run's best held-out gain over the base in its first third, in combined standard errors.
+
+    The lab test asserts this; ``benchmarks/lab_spread.py`` measures its spread across CPUs and seeds.
+    """
+    base = report["curve"][0]
+    early = [r for r in report["curve"] if 0 < r["step"] <= report["T"] // 3]
+    return max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in early)
