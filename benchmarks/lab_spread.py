@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from relex.lab.report import early_gain  # noqa: E402
+from relex.lab.report import early_gain, rl_gain  # noqa: E402
 
 VERSIONS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "numpy", "safetensors")
 
@@ -47,19 +47,25 @@ def provenance() -> dict:
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
-def run_one(profile: str, seed: int, capability: str, threads: int, out: Path, extra: list[str]) -> dict:
-    """One lab run in a fresh process; its report's headline numbers."""
+def run_one(profile: str, seed: int, capability: str, threads: int, out: Path, extra: list[str], reuse: bool) -> dict:
+    """One lab run in a fresh process (or, with ``reuse``, the finished one in ``out``); its headline numbers."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if capability != "native":
         env["ATEN_CPU_CAPABILITY"] = capability
-    start = time.perf_counter()
-    cmd = [sys.executable, "-m", "relex", "lab", "--profile", profile, "--seed", str(seed), "--threads", str(threads),
-           "--out", str(out), "--overwrite", "-q", *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    if reuse and (out / "report.json").is_file():
+        wall = None
+    else:
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "relex", "lab", "--profile", profile, "--seed", str(seed), "--threads",
+               str(threads), "--out", str(out), "--overwrite", "-q", *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     report = json.loads((out / "report.json").read_text())
+    if (report["profile"], report["seed"], report["threads"]) != (profile, seed, threads):
+        raise SystemExit(f"{out}: a lab run of another profile, seed or thread count")
+    wall = wall if wall is not None else report["seconds"]["total"]
     last, [cut, *_] = report["T"], report["cutoffs"]
 
     def acc(method: str, step: int, cutoff: int | None = None) -> float:
@@ -70,11 +76,13 @@ def run_one(profile: str, seed: int, capability: str, threads: int, out: Path, e
     return {"capability": capability, "threads": threads, "seed": seed, "wall_s": round(wall, 1),
             "base": curve[0], "stop": curve[cut], "T": curve[last], "best": max(curve.values()),
             "relex_T": acc("relex", last, cut), "two_point_T": acc("two-point", last, cut),
-            "early_gain_se": round(early_gain(report), 2), "cutoff": cut, "last": last}
+            "early_gain_se": round(early_gain(report), 2), "gain_se": round(rl_gain(report), 2),
+            "cutoff": cut, "last": last}
 
 
 COLUMNS = [("base", "base"), ("stop", "stop (cutoff)"), ("T", "real at T"), ("best", "best real"),
            ("relex_T", "RELEX at T"), ("two_point_T", "two-point at T"), ("early_gain_se", "early RL gain (SE)"),
+           ("gain_se", "best RL gain (SE)"),
            ("wall_s", "wall (s)")]
 
 
@@ -91,7 +99,7 @@ def markdown(profile: str, runs: list[dict], prov: dict) -> str:
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for r in runs:
         lines.append(f"| {r['capability']} | {r['threads']} | {r['seed']} | "
-                     + " | ".join(f"{r[k]:.1f}" if k != "early_gain_se" else f"{r[k]:.2f}" for k, _ in COLUMNS) + " |")
+                     + " | ".join(f"{r[k]:.2f}" if k.endswith("_se") else f"{r[k]:.1f}" for k, _ in COLUMNS) + " |")
     for label, fn in (("mean ± sd", lambda xs: f"{statistics.mean(xs):.1f} ± {statistics.pstdev(xs):.1f}"),
                       ("[min, max]", lambda xs: f"[{min(xs):.1f}, {max(xs):.1f}]")):
         lines.append(f"| **{label}** | | | " + " | ".join(fn([r[k] for r in runs]) for k, _ in COLUMNS) + " |")
@@ -108,6 +116,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="lab runs at once (one-thread runs; two-thread runs go alone)")
     parser.add_argument("--lab-arg", action="append", default=[], help="extra argument for relex lab (repeatable)")
     parser.add_argument("--out-root", type=Path, default=Path("runs/spread"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="tabulate finished runs already in --out-root instead of running them again "
+                             "(wall time: the report's sum of phases)")
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/spread-PROFILE.json")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
@@ -118,7 +129,7 @@ def main() -> None:
     def job(combo: tuple) -> None:
         cap, threads, seed = combo
         results[combo] = run_one(args.profile, seed, cap, threads,
-                                 args.out_root / f"{args.profile}-{cap}-t{threads}-s{seed}", args.lab_arg)
+                                 args.out_root / f"{args.profile}-{cap}-t{threads}-s{seed}", args.lab_arg, args.reuse)
         print(f"done {cap} t{threads} s{seed}: {results[combo]}", file=sys.stderr, flush=True)
 
     single = [c for c in combos if c[1] == 1]

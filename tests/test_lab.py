@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("trl")
 
+from relex.lab.report import early_gain, rl_gain  # noqa: E402
 from relex.lab.tasks import TASKS, Addition, Multiplication, make_task  # noqa: E402
 from relex.lab.tokenizer import build_tokenizer  # noqa: E402
 
@@ -101,6 +102,7 @@ def test_cutoff_steps() -> None:
     from relex.lab.lab import cutoff_steps
 
     assert cutoff_steps((0.15, 0.20), 60) == [9, 12]
+    assert cutoff_steps((0.15, 0.20), 90) == [14, 18]
     assert cutoff_steps((0.15, 0.20), 500) == [75, 100]
     assert cutoff_steps((0.01,), 10) == [2]
 
@@ -135,11 +137,12 @@ def test_ci_lab_end_to_end(ci_lab: Path) -> None:
     for step in steps:
         AutoModelForCausalLM.from_pretrained(ci_lab / "run" / f"checkpoint-{step}")
 
-    # RLVR beats the base by well over the combined standard error early in the run (first third).
+    # RLVR beats the base by well over the combined standard error early in the run (first third). The `ci`
+    # profile is sized so that this holds with margin on every CPU kernel set, thread count and seed measured
+    # (benchmarks/lab_spread.py; docs/lab.md has the table), not only on one machine's trajectory.
     base = report["curve"][0]
     assert base["method"] == "base" and 0.15 <= base["accuracy"] <= 0.5
-    early = [r for r in report["curve"] if 0 < r["step"] <= last // 3]
-    gain = max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in early)
+    gain = early_gain(report)
     assert gain > 3.0, f"best early gain is only {gain:.2f} standard errors"
 
     # Every extrapolated output exists, loads, was evaluated, and has a weight error where a real one exists.
@@ -191,8 +194,7 @@ def test_ci_lora_lab_end_to_end(ci_lora_lab: Path, capsys: pytest.CaptureFixture
     merged = load_model(final, ci_lora_lab / "base")
     assert not hasattr(merged, "peft_config")
 
-    base = report["curve"][0]
-    gain = max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in report["curve"])
+    gain = rl_gain(report)
     assert gain > 3.0, f"LoRA GRPO's best gain is only {gain:.2f} standard errors"
     assert all(math.isfinite(m["norm"]) and m["norm"] > 0 for m in report["drift"])
 

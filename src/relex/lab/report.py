@@ -127,11 +127,16 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[Row], curve: list[Row]
          f"relex lab ({meta['profile']}): {meta['task']['task']}, {meta['task']['digits']} digits")
 
 
-def early_gain(report: dict[str, Any]) -> float:
-    """The RL run's best held-out gain over the base in its first third, in combined standard errors.
+def rl_gain(report: dict[str, Any], until: int | None = None) -> float:
+    """The RL run's best held-out gain over the base (up to step ``until``), in combined standard errors.
 
-    The lab test asserts this; ``benchmarks/lab_spread.py`` measures its spread across CPUs and seeds.
+    The lab tests assert it; ``benchmarks/lab_spread.py`` measures its spread across CPUs and seeds.
     """
     base = report["curve"][0]
-    early = [r for r in report["curve"] if 0 < r["step"] <= report["T"] // 3]
-    return max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in early)
+    steps = [r for r in report["curve"] if 0 < r["step"] <= (until or report["T"])]
+    return max((r["accuracy"] - base["accuracy"]) / math.hypot(r["stderr"], base["stderr"]) for r in steps)
+
+
+def early_gain(report: dict[str, Any]) -> float:
+    """``rl_gain`` in the first third of the run, where the lab's cutoffs are."""
+    return rl_gain(report, report["T"] // 3)
