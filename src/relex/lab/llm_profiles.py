@@ -1,0 +1,67 @@
+"""Lab profiles for a real pretrained LLM (`relex lab --model smollm2-135m`): `ci`, `cpu` and `gpu`.
+
+Plain dataclasses only, so that building the `relex` parser does not import torch or TRL. The RL knobs
+reuse the tiny lab's `RLConfig` (full fine-tuning, constant lr, KL beta 0.001, G = 8, as in the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relex.lab.profiles import RLConfig
+
+
+@dataclass(frozen=True)
+class LLMProfile:
+    """One LLM lab run besides the seed and output folder: model, task sizes, GRPO, evaluation, device."""
+
+    name: str
+    model: str
+    heldout_size: int
+    max_new_tokens: int
+    rl: RLConfig
+    cutoffs: tuple[float, ...] = (0.15, 0.20)
+    curve_every: int = 1
+    eval_batch_size: int = 64
+    accelerator: bool = False  # GPU run: bf16 autocast, no use_cpu (vLLM generation when installed)
+    budget: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+LLM_PROFILES: dict[str, LLMProfile] = {
+    "ci": LLMProfile(
+        name="ci",
+        model="smollm2-135m",
+        heldout_size=24,
+        max_new_tokens=48,
+        rl=RLConfig(steps=4, prompts_per_step=1, group_size=8, lr=1e-5, beta=0.001, lora_lr=1e-4),
+        curve_every=2,
+        eval_batch_size=24,
+        budget="at most 5 min on 2 CPU cores, whole pipeline, GGUF conversion (about 70 s, once) excluded",
+        notes=["ci tests the pipeline, not the science: 4 steps of 1 prompt x 8, held-out n=24"],
+    ),
+    "cpu": LLMProfile(
+        name="cpu",
+        model="smollm2-135m",
+        heldout_size=200,
+        max_new_tokens=64,
+        rl=RLConfig(steps=40, prompts_per_step=4, group_size=8, lr=1e-5, beta=0.001, save_every=1, lora_lr=1e-4),
+        curve_every=5,
+        eval_batch_size=100,
+        budget="at most 60 min on 2 CPU cores",
+        notes=["paper: 500 steps, 256 prompts x 8, lr 1e-6, KL 0.001, constant lr; here 40 steps of 4 prompts x 8 "
+               "and lr 1e-5 so that 2 CPU cores finish in an hour"],
+    ),
+    "gpu": LLMProfile(
+        name="gpu",
+        model="smollm2-135m",
+        heldout_size=500,
+        max_new_tokens=96,
+        rl=RLConfig(steps=100, prompts_per_step=64, group_size=8, lr=3e-6, beta=0.001, save_every=1, lora_lr=3e-5),
+        curve_every=10,
+        eval_batch_size=500,
+        accelerator=True,
+        budget="about 8 min on one H100 (not yet run: no GPU was lent to the session that built it)",
+        notes=["paper: 500 steps, 256 prompts x 8, lr 1e-6, KL 0.001, constant lr; here 100 steps of 64 prompts x 8"],
+    ),
+}
