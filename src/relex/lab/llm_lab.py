@@ -12,10 +12,12 @@ pre-training::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relex.errors import RelexError
 from relex.lab import report
@@ -23,6 +25,9 @@ from relex.lab.lab import _Clock, _rows, building, cutoff_steps, extrapolate, po
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
 from relex.lab.weights import drift
+
+if TYPE_CHECKING:
+    from relex.lab.tasks import Task
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -100,3 +105,21 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
         meta["seconds"]["total"] = round(sum(clock.seconds.values()), 2)
         report.write(tmp, meta, rows, curve)
     return out
+
+
+def lab_task(lab_dir: Path) -> Task:
+    """The task (held-out set included) of a finished lab folder, tiny or LLM, rebuilt from its report.json."""
+    from relex.lab.tasks import make_task
+
+    path = Path(lab_dir) / "report.json"
+    if not path.is_file():
+        raise RelexError(f"{lab_dir}: not a lab output folder (no report.json)")
+    spec = json.loads(path.read_text())["task"]
+    if spec["task"] != "math":
+        return make_task(spec["task"], spec["digits"], spec["heldout_size"], spec["heldout_seed"])
+    from transformers import AutoTokenizer
+
+    from relex.lab.math_task import MathTask, chat_renderer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(lab_dir) / "base")
+    return MathTask(chat_renderer(tokenizer), spec["heldout_size"], spec["heldout_seed"], spec["max_new_tokens"])
