@@ -73,7 +73,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
             policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
             parameters = count_parameters(policy)
             grpo = run_grpo(policy, tokenizer, task, profile.rl, run_dir, seed, quiet, lora=lora,
-                            accelerator=profile.accelerator)
+                            accelerator=profile.accelerator, grad_accum=profile.grad_accum)
             del policy
             if lora is not None:
                 point_adapters_at(run_dir, out / "base")
@@ -96,7 +96,8 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
             "model": {"name": profile.model, "source": MODELS[profile.model].gguf, "parameters": parameters},
             "pretrain": {"from": str(theta0)},
             "rl": {**asdict(profile.rl), "lr_used": profile.rl.lora_lr if lora else profile.rl.lr,
-                   "max_completion_length": profile.max_new_tokens, "accelerator": profile.accelerator},
+                   "max_completion_length": profile.max_new_tokens, "accelerator": profile.accelerator,
+                   "grad_accum": profile.grad_accum},
             "lora": None if lora is None else {**asdict(lora), "trainable_parameters": grpo.trainable_parameters},
             "train_reward": [{"step": h["step"], "reward": h["reward"]} for h in grpo.history if "reward" in h],
             "train_log": [h for h in grpo.history if "reward" in h],
