@@ -53,7 +53,7 @@ def test_llm_lab_ci_end_to_end(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llm-ci"]  # no temporary sibling left behind
     doc = json.loads((out / "report.json").read_text())
     T = doc["T"]
-    assert T == 4 and doc["cutoffs"] == [2] and doc["task"]["grader"] == "math-verify"
+    assert T == 3 and doc["cutoffs"] == [2] and doc["task"]["grader"] == "math-verify"
     assert 1.2e8 < doc["model"]["parameters"] < 1.5e8  # SmolLM2-135M, not a toy
     for step in range(1, T + 1):  # TRL's layout, a checkpoint every step
         assert (out / "run" / f"checkpoint-{step}" / "model.safetensors").is_file()

@@ -50,17 +50,20 @@ def _word(rng: random.Random) -> tuple[str, int]:
 
 
 class MathTask(Task):
-    """Arithmetic (half) and two-step word problems (half), each prompt rendered by ``render`` (a chat template).
+    """Arithmetic and two-step word problems (a share ``word_share`` of them), each prompt rendered by ``render``.
 
     ``render`` maps a user message to the model's prompt text (``tokenizer.apply_chat_template`` with the
-    generation prompt); the held-out set depends only on ``heldout_size`` and ``heldout_seed``.
+    generation prompt); the held-out set depends only on ``heldout_size``, ``heldout_seed`` and ``word_share``.
     """
 
     name = "math"
 
     def __init__(self, render: Callable[[str], str], heldout_size: int = 200, heldout_seed: int = 1234,
-                 max_new_tokens: int = 96) -> None:
+                 max_new_tokens: int = 96, word_share: float = 0.5) -> None:
+        if not 0.0 <= word_share <= 1.0:
+            raise ValueError(f"word_share {word_share} must be in [0, 1]")
         self.render = render
+        self.word_share = word_share
         self._max_new_tokens = max_new_tokens
         self._questions: dict[str, str] = {}  # rendered prompt -> the user message it renders
         super().__init__(digits=2, heldout_size=heldout_size, heldout_seed=heldout_seed)
@@ -74,7 +77,7 @@ class MathTask(Task):
         return self._max_new_tokens
 
     def _draw(self, rng: random.Random) -> Problem:
-        question, answer = (_arithmetic if rng.random() < 0.5 else _word)(rng)
+        question, answer = (_word if rng.random() < self.word_share else _arithmetic)(rng)
         message = f"{question}\n{INSTRUCTION}"
         prompt = self.render(message)
         self._questions[prompt] = message
@@ -92,6 +95,7 @@ class MathTask(Task):
     def spec(self) -> dict[str, Any]:
         return {"task": self.name, "digits": self.digits, "heldout_size": self.heldout_size,
                 "heldout_seed": self.heldout_seed, "max_new_tokens": self.max_new_tokens,
+                "word_share": self.word_share,
                 "instruction": INSTRUCTION, "grader": "math-verify"}
 
 
