@@ -77,6 +77,9 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     lines.append("")
     for cutoff in meta["cutoffs"]:
         m = by_step[cutoff]
+        if m["norm"] == 0:  # every group's rewards were equal so far: zero advantages, no update
+            lines += [f"- Real run: the weights had not moved by step {cutoff} (||ΔW|| = 0)."]
+            continue
         lines += [f"- Real run from step {cutoff} to {last}: ||ΔW|| grew {by_step[last]['norm'] / m['norm']:.2f}x "
                       f"(a line predicts {last / cutoff:.2f}x); cos(ΔW_{cutoff}, ΔW_{last}) = {m['cos_with_last']:.3f}."]
     extrap = [r for r in rows if r.cutoff is not None and r.method != "rlvr"]
