@@ -43,8 +43,10 @@ def _lora_line(lora: dict[str, Any] | None, parameters: int) -> list[str]:
 def _task_name(task: dict[str, Any]) -> str:
     """``addition (3 digits)``, or for the LLM lab's math task its grader and generation budget."""
     if task["task"] == "math":
-        return (f"math (arithmetic and two-step word problems, chat template, graded by {task['grader']}, "
-                f"{task['max_new_tokens']} new tokens)")
+        share = task["word_share"]
+        kinds = {0.0: "arithmetic", 1.0: "two-step word problems"}.get(
+            share, f"arithmetic and two-step word problems ({share:.0%} word problems)")
+        return f"math ({kinds}, chat template, graded by {task['grader']}, {task['max_new_tokens']} new tokens)"
     return f"{task['task']} ({task['digits']} digits)"
 
 
