@@ -34,7 +34,13 @@ def main() -> None:
     parser.add_argument("--lab-dir", type=Path, required=True, help="a finished `relex lab` output folder")
     parser.add_argument("--cutoff", type=int, help="last observed step (default: the lab's first cutoff)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_methods.json"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for scoring (default 1, as in the lab: a second busy-waiting "
+                             "thread on a shared 2-core machine makes decoding several times slower)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     from relex.lab.evaluate import load_model, load_tokenizer, score_dirs, score_logits_extrapolation
     from relex.lab.llm_lab import lab_task
     from relex.lab.weights import relative_weight_error
