@@ -7,10 +7,13 @@ must beat, ``stop``: the cutoff checkpoint itself. ExPO takes one target per run
 with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. NExt runs twice: as published
 (no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
 (``relex lab --lora``: real checkpoints are adapters, merged onto the base to be scored and compared).
-Prints a table, writes JSON.
+Works on LLM lab runs too (``relex lab --model smollm2-135m``: the chat-templated math task graded by
+math-verify, rebuilt from the run's report). ``auto`` is ``relex extrapolate --auto --force`` (the method
+its backtest picks, written even beyond the safe horizon it reports). Prints a table, writes JSON.
 
     python benchmarks/compare_methods.py --lab-dir runs/lab-default
     python benchmarks/compare_methods.py --lab-dir runs/lab-default-lora --json benchmarks/results/compare_lora.json
+    python benchmarks/compare_methods.py --lab-dir runs/llm-cpu --cutoff 6 --json benchmarks/results/compare_llm_cpu.json
 """
 
 from __future__ import annotations
@@ -31,23 +34,27 @@ def main() -> None:
     parser.add_argument("--lab-dir", type=Path, required=True, help="a finished `relex lab` output folder")
     parser.add_argument("--cutoff", type=int, help="last observed step (default: the lab's first cutoff)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_methods.json"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for scoring (default 1, as in the lab: a second busy-waiting "
+                             "thread on a shared 2-core machine makes decoding several times slower)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     from relex.lab.evaluate import load_model, load_tokenizer, score_dirs, score_logits_extrapolation
-    from relex.lab.profiles import PROFILES
-    from relex.lab.tasks import make_task
+    from relex.lab.llm_lab import lab_task
     from relex.lab.weights import relative_weight_error
 
     lab = args.lab_dir
     meta = json.loads((lab / "report.json").read_text())
-    profile = PROFILES[meta["profile"]]
-    task = make_task(profile.task, profile.digits, profile.heldout_size)
+    task = lab_task(lab)
     last, cutoff = meta["T"], args.cutoff or meta["cutoffs"][0]
     targets = [last, 2 * last]
     scratch = lab / "compare-outputs"
     shutil.rmtree(scratch, ignore_errors=True)
     runs = [("relex", "relex", [], targets), ("two-point", "two-point", [], targets),
             ("alpharl", "alpharl", [], targets), ("next", "next", [], targets),
-            ("next+step", "next", ["--next-step-input"], targets)]
+            ("next+step", "next", ["--next-step-input"], targets), ("auto", "relex", ["--auto", "--force"], targets)]
     runs += [("expo", "expo", ["--expo-alpha", str((t - cutoff) / cutoff)], [t]) for t in targets]
     adapter_base = lab / "base" if meta.get("lora") else None
     rows = []

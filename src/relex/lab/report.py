@@ -41,14 +41,25 @@ def _lora_line(lora: dict[str, Any] | None, parameters: int) -> list[str]:
                 "hold the adapter only; they are evaluated and measured as base + merged adapter."]
 
 
+def _task_name(task: dict[str, Any]) -> str:
+    """``addition (3 digits)``, or for the LLM lab's math task its grader and generation budget."""
+    if task["task"] == "math":
+        share = task["word_share"]
+        kinds = {0.0: "arithmetic", 1.0: "two-step word problems"}.get(
+            share, f"arithmetic and two-step word problems ({share:.0%} word problems)")
+        return f"math ({kinds}, chat template, graded by {task['grader']}, {task['max_new_tokens']} new tokens)"
+    return f"{task['task']} ({task['digits']} digits)"
+
+
 def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     """Main table (one line per model) plus an observation-window x target-step table."""
     n = meta["task"]["heldout_size"]
     lines = [
         f"# relex lab — profile `{meta['profile']}`, seed {meta['seed']}",
         "",
-        f"Task: {meta['task']['task']} ({meta['task']['digits']} digits), held-out n={n}, greedy decoding. "
-        f"Model: Qwen2, {meta['model']['parameters']:,} parameters. RLVR: GRPO, {meta['T']} steps "
+        f"Task: {_task_name(meta['task'])}, held-out n={n}, greedy decoding. "
+        f"Model: {meta['model'].get('name', 'Qwen2')}, {meta['model']['parameters']:,} parameters. "
+        f"RLVR: GRPO, {meta['T']} steps "
         f"({meta['rl']['prompts_per_step']} prompts x {meta['rl']['group_size']}), lr {meta['rl']['lr_used']:g}, "
         f"beta {meta['rl']['beta']:g}.",
         *_lora_line(meta.get("lora"), meta["model"]["parameters"]),
@@ -69,6 +80,9 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     lines.append("")
     for cutoff in meta["cutoffs"]:
         m = by_step[cutoff]
+        if m["norm"] == 0:  # every group's rewards were equal so far: zero advantages, no update
+            lines += [f"- Real run: the weights had not moved by step {cutoff} (||ΔW|| = 0)."]
+            continue
         lines += [f"- Real run from step {cutoff} to {last}: ||ΔW|| grew {by_step[last]['norm'] / m['norm']:.2f}x "
                       f"(a line predicts {last / cutoff:.2f}x); cos(ΔW_{cutoff}, ΔW_{last}) = {m['cos_with_last']:.3f}."]
     extrap = [r for r in rows if r.cutoff is not None and r.method != "rlvr"]
@@ -124,6 +138,7 @@ def write(out_dir: Path, meta: dict[str, Any], rows: list[Row], curve: list[Row]
     (out_dir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(meta, rows))
     plot(out_dir / "accuracy.png", curve, rows,
+         f"relex lab ({meta['model']['name']}, {meta['profile']}): math" if meta["task"]["task"] == "math" else
          f"relex lab ({meta['profile']}): {meta['task']['task']}, {meta['task']['digits']} digits")
 
 

@@ -8,6 +8,7 @@ With LoRA (a PEFT ``LoraConfig`` handed to the trainer) a checkpoint holds only 
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,18 +54,26 @@ def lora_config(lora: LoraSettings):
                       target_modules=list(lora.targets), task_type="CAUSAL_LM")
 
 
-def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int, lora: bool = False) -> GRPOConfig:
-    """A CPU-only, fp32, deterministic GRPOConfig saving every ``cfg.save_every`` steps (LoRA: ``cfg.lora_lr``)."""
+def grpo_config(cfg: RLConfig, task: Task, out_dir: Path, seed: int, lora: bool = False,
+                accelerator: bool = False, grad_accum: int = 1) -> GRPOConfig:
+    """A deterministic GRPOConfig saving every ``cfg.save_every`` steps (LoRA: ``cfg.lora_lr``).
+
+    CPU and fp32 by default; ``accelerator``: the GPU with bf16 autocast (fp32 master weights, so checkpoints
+    stay fp32), generation by vLLM (colocated) when it is installed. ``grad_accum`` splits each step's
+    completions into that many micro-batches (one generation and one optimizer step per step all the same).
+    """
     return GRPOConfig(
         output_dir=str(out_dir),
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not accelerator,
+        bf16=accelerator,
+        use_vllm=accelerator and importlib.util.find_spec("vllm") is not None,
+        vllm_mode="colocate",
         fp16=False,
         activation_checkpointing=False,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size // grad_accum,
+        gradient_accumulation_steps=grad_accum,
         num_generations=cfg.group_size,
-        max_completion_length=task.max_answer_chars + 1,
+        max_completion_length=task.max_new_tokens,
         temperature=cfg.temperature,
         learning_rate=cfg.lora_lr if lora else cfg.lr,
         lr_scheduler_type=cfg.scheduler,
@@ -93,13 +102,17 @@ class GRPOResult:
 
 
 def run_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: RLConfig,
-             out_dir: Path, seed: int, quiet: bool = False, lora: LoraSettings | None = None) -> GRPOResult:
-    """Train ``model`` with GRPO (a fresh LoRA adapter on it if ``lora``), writing ``out_dir/checkpoint-N/``."""
+             out_dir: Path, seed: int, quiet: bool = False, lora: LoraSettings | None = None,
+             accelerator: bool = False, grad_accum: int = 1) -> GRPOResult:
+    """Train ``model`` with GRPO (a fresh LoRA adapter on it if ``lora``), writing ``out_dir/checkpoint-N/``.
+
+    ``accelerator`` and ``grad_accum``: see `grpo_config`."""
     dataset = prompt_dataset(task, cfg.steps * cfg.prompts_per_step, seed)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=task.reward,
-        args=grpo_config(cfg, task, out_dir, seed, lora=lora is not None),
+        args=grpo_config(cfg, task, out_dir, seed, lora=lora is not None, accelerator=accelerator,
+                         grad_accum=grad_accum),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[_RewardBar(cfg.steps, quiet)],

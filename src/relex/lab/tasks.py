@@ -53,6 +53,11 @@ class Task(ABC):
         """Longest possible answer, in characters (sets the generation budget)."""
         return self.digits + 1
 
+    @property
+    def max_new_tokens(self) -> int:
+        """Generation budget in tokens: the longest answer plus its end-of-sequence token (one char, one token)."""
+        return self.max_answer_chars + 1
+
     def _build_heldout(self) -> list[Problem]:
         if self.heldout_size > self.space_size // 2:
             raise ValueError(f"held-out size {self.heldout_size} is too large for {self.space_size} problems")

@@ -1,0 +1,128 @@
+"""The lab on a real pretrained LLM: theta_0 = SmolLM2-135M-Instruct, GRPO on chat-templated math, extrapolate, evaluate.
+
+Same phases and outputs as the tiny lab (`relex.lab.lab`), with conversion of the GGUF (cached) in place of
+pre-training::
+
+    base/                                  theta_0 (hard links to the cached conversion when possible)
+    run/checkpoint-N/                      every GRPO checkpoint, TRL's layout (LoRA: the adapter only)
+    extrapolated/<method>-cut<C>/step-T/   relex outputs for each method and cutoff
+    heldout.jsonl                          the held-out set (`relex eval MODEL --dataset heldout.jsonl` re-scores it)
+    report.json  report.md  accuracy.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from relex.errors import RelexError
+from relex.lab import report
+from relex.lab.lab import _Clock, _rows, building, cutoff_steps, extrapolate, point_adapters_at, quiet_libraries
+from relex.lab.llm_profiles import LLMProfile
+from relex.lab.profiles import LoraSettings
+from relex.lab.weights import drift
+
+if TYPE_CHECKING:
+    from relex.lab.tasks import Task
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file (the base is never written to), copying where links are impossible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False,
+                lora: LoraSettings | None = None, threads: int = 1) -> Path:
+    """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise RelexError(f"{out} exists; pass --overwrite to replace it")
+    quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from relex.lab.dataset_eval import Item, write_dataset
+    from relex.lab.evaluate import score_dirs
+    from relex.lab.math_task import MathTask, chat_renderer
+    from relex.lab.model import count_parameters
+    from relex.lab.pretrained import MODELS, ensure_model
+    from relex.lab.rl import run_grpo
+
+    if profile.accelerator and not torch.cuda.is_available():
+        raise RelexError(f"profile {profile.name!r} needs a CUDA GPU; use --profile cpu on this machine")
+    torch.set_num_threads(threads)
+    device = "cuda" if profile.accelerator else "cpu"
+    clock = _Clock()
+    with clock.phase("convert"):
+        theta0 = ensure_model(profile.model, quiet)
+    with building(out) as tmp:
+        base_dir, run_dir = tmp / "base", tmp / "run"
+        shutil.copytree(theta0, base_dir, copy_function=_link_or_copy)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        task = MathTask(chat_renderer(tokenizer), profile.heldout_size, max_new_tokens=profile.max_new_tokens,
+                        word_share=profile.word_share)
+        write_dataset(tmp / "heldout.jsonl", [Item(q, a) for q, a in task.heldout_messages()])
+        with clock.phase("rl"):
+            set_seed(seed)
+            policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            parameters = count_parameters(policy)
+            grpo = run_grpo(policy, tokenizer, task, profile.rl, run_dir, seed, quiet, lora=lora,
+                            accelerator=profile.accelerator, grad_accum=profile.grad_accum)
+            del policy
+            if lora is not None:
+                point_adapters_at(run_dir, out / "base")
+        last = profile.rl.steps
+        cutoffs = cutoff_steps(profile.cutoffs, last)
+        with clock.phase("extrapolate"):
+            outputs = extrapolate(base_dir, run_dir, tmp / "extrapolated", cutoffs, [last, 2 * last], quiet)
+        with clock.phase("eval"):
+            curve_steps = sorted({*range(profile.curve_every, last + 1, profile.curve_every), *cutoffs, last})
+            real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
+            scores = score_dirs([*real.values(), *(p for o in outputs.values() for p in o.values())], task,
+                                tokenizer_dir=base_dir, batch_size=profile.eval_batch_size, quiet=quiet, desc="eval",
+                                adapter_base=base_dir, device=device)
+        with clock.phase("weights"):
+            curve, rows = _rows(tmp, real, outputs, scores, cutoffs)
+            moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
+        meta = {
+            "profile": profile.name, "seed": seed, "threads": threads, "T": last, "cutoffs": cutoffs,
+            "task": task.spec(),
+            "model": {"name": profile.model, "source": MODELS[profile.model].gguf, "parameters": parameters},
+            "pretrain": {"from": str(theta0)},
+            "rl": {**asdict(profile.rl), "lr_used": profile.rl.lora_lr if lora else profile.rl.lr,
+                   "max_completion_length": profile.max_new_tokens, "accelerator": profile.accelerator,
+                   "grad_accum": profile.grad_accum},
+            "lora": None if lora is None else {**asdict(lora), "trainable_parameters": grpo.trainable_parameters},
+            "train_reward": [{"step": h["step"], "reward": h["reward"]} for h in grpo.history if "reward" in h],
+            "train_log": [h for h in grpo.history if "reward" in h],
+            "drift": moves, "seconds": clock.seconds, "budget": profile.budget, "notes": profile.notes,
+        }
+        meta["seconds"]["total"] = round(sum(clock.seconds.values()), 2)
+        report.write(tmp, meta, rows, curve)
+    return out
+
+
+def lab_task(lab_dir: Path) -> Task:
+    """The task (held-out set included) of a finished lab folder, tiny or LLM, rebuilt from its report.json."""
+    from relex.lab.tasks import make_task
+
+    path = Path(lab_dir) / "report.json"
+    if not path.is_file():
+        raise RelexError(f"{lab_dir}: not a lab output folder (no report.json)")
+    spec = json.loads(path.read_text())["task"]
+    if spec["task"] != "math":
+        return make_task(spec["task"], spec["digits"], spec["heldout_size"], spec["heldout_seed"])
+    from transformers import AutoTokenizer
+
+    from relex.lab.math_task import MathTask, chat_renderer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(lab_dir) / "base")
+    return MathTask(chat_renderer(tokenizer), spec["heldout_size"], spec["heldout_seed"], spec["max_new_tokens"],
+                    spec["word_share"])
