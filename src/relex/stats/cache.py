@@ -77,7 +77,9 @@ class StatsCache:
             sweep(self.path.parent)
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, self.path)
-        except (OSError, SafetensorError) as exc:
-            log.warning("statistics cache not written to %s (%s); carrying on without it", self.path.parent, exc)
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            if not isinstance(exc, (OSError, SafetensorError)):
+                raise
+            log.warning("statistics cache not written to %s (%s); carrying on without it", self.path.parent, exc)
