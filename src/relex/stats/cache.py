@@ -46,6 +46,7 @@ class StatsCache:
 
     def load(self, steps: list[int]) -> dict[str, TensorStats] | None:
         """Statistics for exactly ``steps`` if the cache covers them unchanged, else None."""
+        sweep(self.path.parent)  # temporaries of killed runs
         try:
             if not self.path.is_file():
                 return None
