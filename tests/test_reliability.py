@@ -286,14 +286,14 @@ def test_d10_pickle_holding_a_non_tensor(extrapolate, pico, payload):
 
 
 # 11. zero-size tensors ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["alpharl", "next", "relex"])
+@pytest.mark.parametrize("method", [("alpharl",), ("next", "--next-epochs", 3), ("relex",)])
 def test_d11_zero_size_tensor(extrapolate, pico, tmp_path, method):
     base, run, _ = pico
     for folder in [base, *run.iterdir()]:
         tensors = load_file(str(folder / "model.safetensors"))
         tensors["model.empty"] = torch.zeros(0, 16)
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    extrapolate("--target", 30, "--method", method)
+    extrapolate("--target", 30, "--method", *method)
     assert CheckpointReader(tmp_path / "out" / "step-30").specs["model.empty"].shape == (0, 16)
 
 
