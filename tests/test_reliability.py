@@ -21,11 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import STEPS, drift_run, numpy_relex, predicted_deltas, rank1_run, relative_error
+from conftest import STEPS, drift_run, predicted_deltas, rank1_run
 from relex import Relex, RelexError, Trajectory
 from relex.cli import main
 from relex.materialize.rounding import round_once
-from relex.tempfiles import temp_path
 from relex.trajectory import CheckpointReader
 from relex.trajectory import reader as reader_module
 from relex.writer import ModelFolderWriter, PlannedTensor, publish_all
