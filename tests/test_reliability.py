@@ -252,6 +252,19 @@ def test_d10_disk_full_while_writing(pico, tmp_path):
     assert not (tmp_path / "out").exists() and not hidden(tmp_path)
 
 
+def test_d10_no_space_left_on_device(extrapolate, tmp_path):
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        err = extrapolate("--target", 30, out=out, expect=2)
+        assert f"{out}/step-30/model.safetensors: cannot write tensor '" in err and "No space left" in err
+        assert not list(out.iterdir())
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
 def test_d10_read_only_output(extrapolate, tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
