@@ -298,8 +298,17 @@ def test_d10_pickle_holding_a_non_tensor(extrapolate, pico, payload):
 
 
 # 11. zero-size tensors ---------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: the direct methods' many tiny ops only pay for thread hand-offs on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("method", [("alpharl",), ("next", "--next-epochs", 3), ("relex",)])
-def test_d11_zero_size_tensor(extrapolate, pico, tmp_path, method):
+def test_d11_zero_size_tensor(extrapolate, pico, tmp_path, method, one_thread):
     base, run, _ = pico
     for folder in [base, *run.iterdir()]:
         tensors = load_file(str(folder / "model.safetensors"))
