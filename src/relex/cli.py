@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from relex.errors import RelexError
@@ -123,7 +125,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
 def cmd_extrapolate(args: argparse.Namespace) -> int:
     from relex.methods import METHODS
 
-    run_info = {"run": str(args.run) if args.run else None}
+    run_info = {"run": str(args.run.resolve()) if args.run else None}
     if args.auto:
         from relex.analysis.auto import auto_method
         from relex.materialize import compute_stats
@@ -139,6 +141,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         options = {"stats": stats}  # the backtest's statistics: no second Gram pass
     else:
         name = "reconstruct" if args.reconstruct else args.method
+        METHODS[name].warn_ignored(args)
         method = METHODS[name].from_args(args).fit(_trajectory(args), progress=not args.quiet)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
@@ -175,7 +178,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         report["alignment"] = alignment(Relex(rank=1), stats, observed.steps, later)
     _print_analysis(report, args.worst)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        _write_json(args.json, report)
     return 0
 
 
@@ -202,8 +205,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         real = score_backtest(observed, rows, sorted(labels), args.eval_command, options["cache"], options["progress"])
     _print_backtest(rows, safe, real)
     if args.json:
-        args.json.write_text(json.dumps({"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe,
-                                         "real": real}, indent=2, default=_json_default) + "\n")
+        _write_json(args.json, {"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe, "real": real})
     if args.plot:
         from relex.analysis.plots import plot_backtest
 
@@ -220,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     traj = _trajectory(args)
     observed = traj.observed(args.cutoff)
     stats = compute_stats(traj.observed(None), **_engine_options(args))
-    scores = json.loads(args.scores.read_text()) if args.scores else None
+    scores = _read_json(args.scores) if args.scores else None
     path = write_report(stats, observed.steps, args.out, scores)
     if not args.quiet:
         print(path)
@@ -259,8 +261,21 @@ def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None 
         console.print(f"Real checkpoint at step {real['step']}: accuracy {real['accuracy']:.4f}")
 
 
-def _json_default(value):
-    return None if isinstance(value, float) and math.isnan(value) else str(value)
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RelexError(f"{path}: cannot read JSON ({exc})") from None
+
+
+def _write_json(path: Path, value) -> None:
+    """Strict JSON (non-finite numbers as null) to ``path``; an unwritable path is a one-line error."""
+    from relex.jsonout import dumps_strict
+
+    try:
+        path.write_text(dumps_strict(value, indent=2) + "\n")
+    except OSError as exc:
+        raise RelexError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _print_analysis(report: dict, worst: int) -> None:
@@ -311,18 +326,35 @@ def _print_analysis(report: dict, worst: int) -> None:
         console.print(align)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``timeout``'s stop), raised where the process is, like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_signals else None
     try:
         return args.func(args)
     except RelexError as exc:
         print(f"relex: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as exc:  # one the layers below did not name: still one line, and nothing was published
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"relex: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
         print("relex: interrupted; no output was published", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from relex.analysis.backtest import MIN_PREFIX
 from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
 
@@ -104,20 +105,30 @@ def diagnose(stats: dict[str, TensorStats]) -> dict:
     }
 
 
+def wander_limit(null_eff: float) -> float:
+    """Path efficiency below which a run counts as a random walk: twice the walk's, but never above the
+    midpoint between the walk's and a straight line's (with few checkpoints a walk's is already >= 0.5)."""
+    return min(2 * null_eff, (1 + null_eff) / 2)
+
+
 def verdict(diag: dict, safe_horizon: float | None) -> str:
-    """One line: growth, straightness and fit against a random walk, and how far the backtest goes."""
+    """One line: growth, straightness and fit against a random walk, and how far the backtest goes.
+
+    ``safe_horizon`` None means the backtest did not run (too few checkpoints), not that it failed.
+    """
     med, null = diag["median"], diag["random_walk"]
     growth = diag["whole_model"]["growth_exponent"]
     shape = ("grows linearly" if 0.85 <= growth <= 1.15 else "grows sub-linearly" if growth < 0.85
              else "grows super-linearly") + f" (like t^{growth:.2f})"
     eff, null_eff = med["path_efficiency"], null["path_efficiency"]["mean"]
-    path = (f"wanders like a random walk (path efficiency {eff:.2f} vs {null_eff:.2f})" if eff < 2 * null_eff
+    path = (f"wanders like a random walk (path efficiency {eff:.2f} vs {null_eff:.2f})" if eff < wander_limit(null_eff)
             else f"moves {'straight' if eff > 0.8 else 'with detours'} (path efficiency {eff:.2f}, random walk {null_eff:.2f})")
     r2_z = (med["r2_linear"] - null["r2_linear"]["mean"]) / max(null["r2_linear"]["std"], 1e-12)
     fit = (f"its rank-1 coefficient fits a line {'better' if r2_z > 3 else 'no better'} than a random walk's "
            f"(R^2 {med['r2_linear']:.3f} vs {null['r2_linear']['mean']:.3f})")
     drift = med["direction_drift_cos"]
     turn = f"its top direction {'holds' if drift > 0.95 else 'turns'} (cos {drift:.2f}, first half vs whole window)"
-    horizon = ("the backtest supports no extrapolation" if not safe_horizon or safe_horizon <= 1
+    horizon = (f"too few checkpoints to backtest ({len(diag['steps'])}; it needs {2 * MIN_PREFIX})"
+               if safe_horizon is None else "the backtest supports no extrapolation" if safe_horizon <= 1
                else f"the backtest supports up to {safe_horizon:g}x the cutoff")
     return f"The run {shape}, {path}; {fit}; {turn}; {horizon}."

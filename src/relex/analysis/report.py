@@ -7,7 +7,7 @@ checkpoints after the cutoff, RELEX's alignment with them. Accuracy by step is p
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,12 @@ from relex.analysis import plots
 from relex.analysis.alignment import alignment
 from relex.analysis.backtest import backtest, choose, safe_horizon
 from relex.analysis.diagnostics import diagnose, verdict
+from relex.errors import RelexError
+from relex.jsonout import dumps_strict
 from relex.methods import Relex
 from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
+from relex.tempfiles import remove, sweep, temp_path
 
 MAX_RANK_SHOWN = 5
 
@@ -54,8 +57,35 @@ def representative(stats: dict[str, TensorStats], diag: dict, count: int = 4) ->
 
 def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
                  scores: dict[str, dict[str, float]] | None = None) -> Path:
-    """Write ``report.md``, ``report.json`` and PNGs into ``out_dir``; returns the Markdown path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``report.md``, ``report.json`` and PNGs into ``out_dir``; returns the Markdown path.
+
+    The folder is built under a hidden temporary name and renamed when complete (an existing one replaced).
+    """
+    final = Path(out_dir)
+    out_dir = temp_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        sweep(final.parent)
+        remove(out_dir)
+        out_dir.mkdir()
+        _write_into(stats, observed, out_dir, scores)
+        trash = temp_path(final, "old")
+        if final.exists():
+            os.replace(final, trash)
+        os.replace(out_dir, final)
+        remove(trash)
+    except OSError as exc:
+        remove(out_dir)
+        raise RelexError(f"{final}: cannot write the report ({exc.strerror or exc})") from None
+    except BaseException:
+        remove(out_dir)
+        raise
+    return final / "report.md"
+
+
+def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
+                scores: dict[str, dict[str, float]] | None) -> None:
+    """The report's files, written into ``out_dir``."""
     obs_stats = {n: s.subset(observed) for n, s in stats.items()}
     diag = diagnose(obs_stats)
     rows = backtest(obs_stats)
@@ -108,9 +138,8 @@ def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Pa
         lines.append("")
     lines += ["## Figures", ""] + [f"### {title}\n\n![{title}]({file})\n" for title, file in figures]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "report.json").write_text(json.dumps(
+    (out_dir / "report.json").write_text(dumps_strict(
         {"observed_steps": observed, "verdict": verdict(diag, safe), "diagnostics": {k: v for k, v in diag.items()
                                                                                      if k != "per_tensor"},
          "explained_variance_cumulative": cumulative, "backtest": rows, "safe_horizon": safe, "chosen": label,
-         "alignment": align, "coefficients": curves}, indent=2, default=lambda v: None) + "\n")
-    return out_dir / "report.md"
+         "alignment": align, "coefficients": curves}, indent=2) + "\n")

@@ -167,17 +167,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                        task, args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(str(exc)) from exc
-    if args.score_only:
-        for s in scores.values():
-            print(f"{s.accuracy:.6f}")
-    elif not args.quiet:
-        width = max(len(m) for m in scores)
-        for model, s in scores.items():
-            print(f"{model:<{width}}  accuracy {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
+    _print_scores(scores, args, "accuracy")
     if args.json:
         doc = {"task": task.spec(), "scores": {m: s.as_dict() for m, s in scores.items()}}
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def _print_scores(scores: dict, args: argparse.Namespace, metric: str) -> None:
+    """One number per line with --score-only, else one aligned line per model (nothing with -q)."""
+    if args.score_only:
+        for s in scores.values():
+            print(f"{s.accuracy:.6f}")
+    elif not args.quiet:
+        width = max(len(str(m)) for m in scores)
+        for model, s in scores.items():
+            print(f"{str(model):<{width}}  {metric} {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
 
 
 def _eval_dataset(args: argparse.Namespace) -> int:
@@ -194,13 +199,7 @@ def _eval_dataset(args: argparse.Namespace) -> int:
                                quiet=args.quiet or args.score_only)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(str(exc)) from exc
-    if args.score_only:
-        for s in scores.values():
-            print(f"{s.accuracy:.6f}")
-    elif not args.quiet:
-        width = max(len(str(m)) for m in scores)
-        for model, s in scores.items():
-            print(f"{str(model):<{width}}  pass@1 {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
+    _print_scores(scores, args, "pass@1")
     if args.json:
         doc = {"dataset": str(args.dataset), "items": len(items), "backend": args.backend, "grader": "math-verify",
                "max_new_tokens": args.max_new_tokens, "scores": {str(m): s.as_dict() for m, s in scores.items()}}

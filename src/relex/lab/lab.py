@@ -94,6 +94,30 @@ def extrapolate(base_dir: Path, run_dir: Path, out_root: Path, cutoffs: list[int
     return outputs
 
 
+def extrapolate_and_measure(root: Path, task, last: int, cutoff_fractions: tuple[float, ...], curve_every: int,
+                            clock: _Clock, quiet: bool, batch_size: int = 512,
+                            device: str = "cpu") -> tuple[list[int], list[report.Row], list[report.Row], list[dict]]:
+    """The phases every lab shares after GRPO: extrapolate from each cutoff to T and 2T, score the real curve
+    and every prediction on the held-out set, and measure weight errors and drift. Returns the cutoffs, the
+    real curve, the report's rows and the drift lines."""
+    from relex.lab.evaluate import score_dirs
+
+    base_dir, run_dir = root / "base", root / "run"
+    cutoffs = cutoff_steps(cutoff_fractions, last)
+    with clock.phase("extrapolate"):
+        outputs = extrapolate(base_dir, run_dir, root / "extrapolated", cutoffs, [last, 2 * last], quiet)
+    with clock.phase("eval"):
+        curve_steps = sorted({*range(curve_every, last + 1, curve_every), *cutoffs, last})
+        real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
+        scores = score_dirs([*real.values(), *(p for o in outputs.values() for p in o.values())], task,
+                            tokenizer_dir=base_dir, batch_size=batch_size, quiet=quiet, desc="eval",
+                            adapter_base=base_dir, device=device)
+    with clock.phase("weights"):
+        curve, rows = _rows(root, real, outputs, scores, cutoffs)
+        moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
+    return cutoffs, curve, rows, moves
+
+
 def _rows(root: Path, real: dict[int, Path], outputs: dict[tuple[str, int], dict[int, Path]],
           scores: dict, cutoffs: list[int]) -> tuple[list[report.Row], list[report.Row]]:
     """The real-run curve and the report's rows (with relative weight errors where a real step exists)."""
@@ -140,7 +164,6 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from relex.lab.evaluate import score_dirs
     from relex.lab.model import build_model, count_parameters
     from relex.lab.pretrain import pretrain
     from relex.lab.rl import run_grpo
@@ -176,17 +199,8 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
             if lora is not None:
                 point_adapters_at(run_dir, out / "base")
         last = profile.rl.steps
-        cutoffs = cutoff_steps(profile.cutoffs, last)
-        with clock.phase("extrapolate"):
-            outputs = extrapolate(base_dir, run_dir, tmp / "extrapolated", cutoffs, [last, 2 * last], quiet)
-        with clock.phase("eval"):
-            curve_steps = sorted({*range(profile.curve_every, last + 1, profile.curve_every), *cutoffs, last})
-            real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
-            scores = score_dirs([*real.values(), *(p for o in outputs.values() for p in o.values())], task,
-                                tokenizer_dir=base_dir, quiet=quiet, desc="eval", adapter_base=base_dir)
-        with clock.phase("weights"):
-            curve, rows = _rows(tmp, real, outputs, scores, cutoffs)
-            moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
+        cutoffs, curve, rows, moves = extrapolate_and_measure(tmp, task, last, profile.cutoffs, profile.curve_every,
+                                                              clock, quiet)
         meta = {
             "profile": profile.name, "seed": seed, "threads": threads, "T": last, "cutoffs": cutoffs, "task": task.spec(),
             "model": {**(asdict(profile.shape) if base is None else {}), "parameters": count_parameters(model)},

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING
 
 from relex.errors import RelexError
 from relex.lab import report
-from relex.lab.lab import _Clock, _rows, building, cutoff_steps, extrapolate, point_adapters_at, quiet_libraries
+from relex.lab.lab import _Clock, building, extrapolate_and_measure, point_adapters_at, quiet_libraries
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
-from relex.lab.weights import drift
 
 if TYPE_CHECKING:
     from relex.lab.tasks import Task
@@ -49,7 +48,6 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from relex.lab.dataset_eval import Item, write_dataset
-    from relex.lab.evaluate import score_dirs
     from relex.lab.math_task import MathTask, chat_renderer
     from relex.lab.model import count_parameters
     from relex.lab.pretrained import MODELS, ensure_model
@@ -79,18 +77,8 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
             if lora is not None:
                 point_adapters_at(run_dir, out / "base")
         last = profile.rl.steps
-        cutoffs = cutoff_steps(profile.cutoffs, last)
-        with clock.phase("extrapolate"):
-            outputs = extrapolate(base_dir, run_dir, tmp / "extrapolated", cutoffs, [last, 2 * last], quiet)
-        with clock.phase("eval"):
-            curve_steps = sorted({*range(profile.curve_every, last + 1, profile.curve_every), *cutoffs, last})
-            real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
-            scores = score_dirs([*real.values(), *(p for o in outputs.values() for p in o.values())], task,
-                                tokenizer_dir=base_dir, batch_size=profile.eval_batch_size, quiet=quiet, desc="eval",
-                                adapter_base=base_dir, device=device)
-        with clock.phase("weights"):
-            curve, rows = _rows(tmp, real, outputs, scores, cutoffs)
-            moves = [{"step": s, **m} for s, m in zip(curve_steps, drift(base_dir, [real[s] for s in curve_steps]))]
+        cutoffs, curve, rows, moves = extrapolate_and_measure(tmp, task, last, profile.cutoffs, profile.curve_every,
+                                                              clock, quiet, profile.eval_batch_size, device)
         meta = {
             "profile": profile.name, "seed": seed, "threads": threads, "T": last, "cutoffs": cutoffs,
             "task": task.spec(),

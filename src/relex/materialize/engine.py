@@ -24,7 +24,8 @@ from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import TensorSpec, Trajectory
 from relex.units import parse_size
-from relex.writer import ModelFolderWriter, PlannedTensor, check_output_free, warn_if_no_tokenizer
+from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name, publish_all,
+                          warn_if_no_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,17 @@ def _cache(trajectory: Trajectory, cache: str | Path | bool | None) -> StatsCach
 
 
 def _check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    """The device name if torch can compute on it here; a RelexError naming it otherwise."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise RelexError(f"--device {device}: not a device torch knows (use cpu, cuda or cuda:N)") from None
+    if kind.type not in ("cpu", "cuda"):
+        raise RelexError(f"--device {device}: relex computes on cpu or cuda only")
+    if kind.type == "cuda" and not torch.cuda.is_available():
         raise RelexError(f"--device {device}: torch sees no CUDA device")
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        raise RelexError(f"--device {device}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -101,6 +111,7 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
     store = _cache(trajectory, cache)
     loaded = stats or (store.load(trajectory.steps) if store else None) or {}
     stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device), n_outputs=len(targets))
+    _warn_if_inside_run(out_dir, trajectory)
     created_root = not out_dir.exists()
     writers: list[ModelFolderWriter] = []
     stats = {}
@@ -120,18 +131,32 @@ def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], 
         if store and not loaded:
             store.save(stats, trajectory.steps)
         summary = summarize([tensor_metrics(n, specs[n].numel, stats[n]) for n in order])
-        for target, writer in zip(targets, writers):
-            meta = {"relex_version": relex.__version__, "method": method.name, "params": method.params(),
-                    "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base),
-                    "dtype": dtype or "input", "trajectory_summary": summary, **(run_info or {})}
-            writer.commit(meta, overwrite)
+        metas = [{"relex_version": relex.__version__, "method": method.name, "params": method.params(),
+                  "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base.resolve()),
+                  "dtype": dtype or "input", "trajectory_summary": summary, **(run_info or {})} for target in targets]
+        publish_all(writers, metas, overwrite)
     except BaseException:
         for writer in writers:
             writer.abort()
         if created_root and out_dir.is_dir() and not any(out_dir.iterdir()):
-            shutil.rmtree(out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return folders
+
+
+def _warn_if_inside_run(out_dir: Path, trajectory: Trajectory) -> None:
+    """Outputs inside the run folder are never read back as checkpoints (relex.json marks them), but say so."""
+    if trajectory.run is not None and out_dir.resolve().is_relative_to(trajectory.run.resolve()):
+        log.warning("--out %s is inside the run folder %s: relex skips its own outputs there, but other tools "
+                    "may take them for training checkpoints", out_dir, trajectory.run)
+
+
+def _write(writer: ModelFolderWriter, name: str, values: torch.Tensor, target: int) -> None:
+    """Hand one block of a target's tensor to its writer, refusing Inf or NaN (e.g. an overflowed cast)."""
+    if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
+        raise RelexError(f"{writer.folder}: tensor '{name}' would hold Inf or NaN at step {target} (the prediction "
+                         f"overflows {dtype_name(values.dtype)}); choose a nearer --target or a wider --dtype")
+    writer.weights.write(name, values)
 
 
 def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype: torch.dtype, method: Method,
@@ -139,7 +164,7 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
                         writers: list[ModelFolderWriter]) -> TensorStats:
     """Statistics, weights and every target's values for one tensor; returns its statistics."""
     blocks = stream.blocks(spec)
-    if not spec.dtype.is_floating_point:  # integer buffers are not trained: copy them through
+    if not spec.dtype.is_floating_point or spec.numel == 0:  # integer buffers are not trained: copy them through
         for r0, r1 in blocks:
             block = stream.base.read(name, r0, r1)
             for writer in writers:
@@ -154,8 +179,8 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
             stats = cached or stream.stats(name, spec)
             deltas = stream.deltas(name)
             base = deltas.base.reshape(-1)
-        for writer, delta in zip(writers, method.predict_deltas(name, deltas, stats.steps, targets)):
-            writer.weights.write(name, (delta.reshape(-1) + base).to(dtype).reshape(spec.shape))
+        for target, writer, delta in zip(targets, writers, method.predict_deltas(name, deltas, stats.steps, targets)):
+            _write(writer, name, stream.cast(delta.reshape(-1) + base, dtype, spec.shape), target)
         return stats
     stack = None
     if len(blocks) == 1 and cached is None:
@@ -167,6 +192,6 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
             stack, base = stream.read(name, r0, r1)
         sums = stream.weighted_sums(stack, base, weights)
         shape = (r1 - r0,) + spec.shape[1:] if spec.shape else ()
-        for j, writer in enumerate(writers):
-            writer.weights.write(name, stream.cast(sums[j], dtype, shape))
+        for j, (target, writer) in enumerate(zip(targets, writers)):
+            _write(writer, name, stream.cast(sums[j], dtype, shape), target)
     return stats

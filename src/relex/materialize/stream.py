@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
+from relex.materialize.rounding import cast_into
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import TensorSpec, Trajectory
 from relex.trajectory.peft import AdapterReader
@@ -104,9 +105,9 @@ class DeltaStream:
         return out.add_(base)
 
     def cast(self, values: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """``values`` converted to the output dtype in a reused buffer (no allocation per tensor)."""
+        """``values`` rounded once to the output dtype in a reused buffer (no allocation per tensor)."""
         out = self.buffer(f"out-{dtype}", (values.numel(),), dtype)
-        return out.copy_(values.reshape(-1)).view(shape)
+        return cast_into(out, values.reshape(-1)).view(shape)
 
 
 class TensorDeltas:

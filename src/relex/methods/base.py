@@ -9,6 +9,7 @@ then ``save`` (or ``weights``) for any targets.
 from __future__ import annotations
 
 import argparse
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -17,9 +18,12 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
-
 from relex.stats.gram import TensorStats
 from relex.trajectory import TensorSpec, Trajectory
+
+log = logging.getLogger(__name__)
+
+SHARED_FLAG_DEFAULTS = {"rank": 1, "anchor": 0}  # the shared flags' CLI defaults
 
 
 class Method(ABC):
@@ -27,6 +31,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     min_checkpoints: ClassVar[int] = 2  # observed checkpoints the method needs (a line: two)
+    shared_flags: ClassVar[tuple[str, ...]] = ()  # which of the shared --rank / --anchor the method reads
 
     def __init__(self, cutoff: int | None = None) -> None:
         self.cutoff = cutoff
@@ -47,6 +52,14 @@ class Method(ABC):
     def from_args(cls, args: argparse.Namespace) -> "Method":
         """Build the method from parsed command-line flags."""
         return cls(cutoff=args.cutoff)
+
+    @classmethod
+    def warn_ignored(cls, args: argparse.Namespace) -> None:
+        """Warn about a shared flag (--rank, --anchor) set away from its default that this method never reads."""
+        for flag, default in SHARED_FLAG_DEFAULTS.items():
+            value = getattr(args, flag, default)
+            if flag not in cls.shared_flags and value != default:
+                log.warning("--%s %s is ignored by --method %s", flag, value, cls.name)
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         """Refuse targets the method cannot produce (all methods: target must be positive)."""

@@ -38,6 +38,7 @@ class Relex(Method):
     """
 
     name = "relex"
+    shared_flags = ("rank", "anchor")
 
     def __init__(self, rank: int = 1, cutoff: int | None = None, trend: str = "linear", anchor: int = 0) -> None:
         super().__init__(cutoff)
@@ -78,6 +79,7 @@ class Reconstruct(Method):
     """Rank-r projection of each observed checkpoint onto the trajectory's top-r subspace."""
 
     name = "reconstruct"
+    shared_flags = ("rank",)
 
     def __init__(self, rank: int = 1, cutoff: int | None = None) -> None:
         super().__init__(cutoff)

@@ -21,6 +21,7 @@ class TwoPoint(Method):
     """Straight line through the anchor (default: the base) and the last observed checkpoint."""
 
     name = "two-point"
+    shared_flags = ("anchor",)
 
     def __init__(self, cutoff: int | None = None, anchor: int = 0, norms_from_cutoff: bool = False) -> None:
         super().__init__(cutoff)

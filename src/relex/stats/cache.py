@@ -1,12 +1,15 @@
 """Statistics cache: per-tensor Gram matrices saved as safetensors, reused across cutoffs and commands.
 
-A cache entry belongs to one base model; it records the steps and the fingerprint (file, size, mtime)
-of every checkpoint it was computed from. A request is served when all its checkpoints are in the
+A cache entry belongs to one base model; it records the steps and the fingerprint (file, size, mtime,
+ctime, inode) of every checkpoint it was computed from, so a rewrite that keeps the size and restores
+the mtime still misses. A request is served when all its checkpoints are in the
 entry unchanged: the Gram of any subset of steps is a sub-block, so a sweep of cutoffs reads nothing.
+The cache is an optimisation: one that cannot be read or written is warned about and skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,10 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from relex.stats.gram import TensorStats
+from relex.tempfiles import sweep, temp_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = "relex-stats-1"
+FORMAT = "relex-stats-2"  # 2: fingerprints carry ctime and inode
 
 
 def default_cache_dir() -> Path:
@@ -42,9 +46,10 @@ class StatsCache:
 
     def load(self, steps: list[int]) -> dict[str, TensorStats] | None:
         """Statistics for exactly ``steps`` if the cache covers them unchanged, else None."""
-        if not self.path.is_file():
-            return None
+        sweep(self.path.parent)  # temporaries of killed runs
         try:
+            if not self.path.is_file():
+                return None
             with safe_open(str(self.path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 if meta.get("format") != FORMAT or json.loads(meta["base"]) != self.base_fingerprint:
@@ -63,11 +68,19 @@ class StatsCache:
             return None
 
     def save(self, stats: dict[str, TensorStats], steps: list[int]) -> None:
-        """Write the statistics atomically (temporary name, then rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the statistics atomically (temporary name, then rename); on failure warn and go on."""
         tensors = {f"gram:{name}": torch.from_numpy(np.ascontiguousarray(s.gram)) for name, s in stats.items()}
         meta = {"format": FORMAT, "base": json.dumps(self.base_fingerprint),
                 "checkpoints": json.dumps({str(s): self.fingerprints[s] for s in steps})}
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self.path)
+        tmp = temp_path(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            sweep(self.path.parent)
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not isinstance(exc, (OSError, SafetensorError)):
+                raise
+            log.warning("statistics cache not written to %s (%s); carrying on without it", self.path.parent, exc)

@@ -22,6 +22,7 @@ _LAYOUTS = [
     (re.compile(r"step[-_](\d+)"), "plain"),
 ]
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+RELEX_OUTPUT_MARKER = "relex.json"  # every folder relex writes carries it; such folders are never checkpoints
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ def discover_checkpoints(run: Path) -> list[Checkpoint]:
     for child in sorted(run.iterdir()):
         if not child.is_dir():
             continue
+        if (child / RELEX_OUTPUT_MARKER).is_file():
+            log.warning("%s: skipped, it is a prediction written by relex (it has %s), not a training checkpoint",
+                        child, RELEX_OUTPUT_MARKER)
+            continue
         for pattern, layout in _LAYOUTS:
             match = pattern.fullmatch(child.name)
             if match:
@@ -84,7 +89,11 @@ def check_steps(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     by_step: dict[int, Checkpoint] = {}
     for ckpt in checkpoints:
         if ckpt.step < 1:
-            raise RelexError(f"{ckpt.path}: step {ckpt.step} must be >= 1 (the base is step 0)")
+            raise RelexError(f"{ckpt.path}: step {ckpt.step} must be >= 1 (the base is step 0: give that model as "
+                             "--base and move it out of the run folder, or name the checkpoints with --checkpoint)")
+        if (ckpt.path / RELEX_OUTPUT_MARKER).is_file():
+            raise RelexError(f"{ckpt.path}: is a prediction written by relex (it has {RELEX_OUTPUT_MARKER}), "
+                             "not a training checkpoint")
         if ckpt.step in by_step:
             raise RelexError(f"{ckpt.path}: step {ckpt.step} is also claimed by {by_step[ckpt.step].path}")
         if not ckpt.path.is_dir():

@@ -28,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 
 from relex.errors import RelexError
 
+from relex.trajectory.reader import file_fingerprint
+
 if TYPE_CHECKING:
     from relex.trajectory.reader import CheckpointReader, TensorSpec
 
@@ -179,6 +181,15 @@ class AdapterReader:
         lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
         if lora is None and bias is None and full is None:
             return torch.zeros(shape, dtype=torch.float64)
+        try:
+            return self._delta(name, start, stop, shape)
+        except (SafetensorError, OSError) as exc:
+            raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
+                             "removed or rewritten during the run?)") from None
+
+    def _delta(self, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """``read_delta``'s arithmetic, from the adapter file opened once."""
+        lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
         with safe_open(str(self.files[0]), framework="pt") as handle:
             if full is not None:
                 value = handle.get_tensor(full).double()
@@ -204,8 +215,8 @@ class AdapterReader:
         return self.base.read(name, start, stop).double() + self.read_delta(name, start, stop)
 
     def fingerprint(self) -> list[list]:
-        """(file, size, mtime) of the adapter weights and config (alpha and rank live in the config)."""
-        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in (*self.files, self.config_path)]
+        """File identities of the adapter weights and config (alpha and rank live in the config)."""
+        return [file_fingerprint(f) for f in (*self.files, self.config_path)]
 
     def close(self) -> None:
         """Nothing held open: each read opens the adapter file briefly."""

@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from relex.errors import RelexError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +32,8 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-PEFT_WEIGHT_FILES = {"adapter_model.safetensors", "adapter_model.bin"}
+SAFE_WEIGHTS = "model.safetensors"
+PICKLE_WEIGHTS = "pytorch_model.bin"
 
 
 @dataclass(frozen=True)
@@ -55,25 +61,37 @@ class TensorSpec:
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    """The files that hold a model folder's weights, in shard order; refuses pickle unless allowed."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
-    single = folder / "model.safetensors"
+    """The files that hold a model folder's weights, in shard order, chosen as transformers 5 does.
+
+    Precedence (``modeling_utils._get_resolved_checkpoint_files``): model.safetensors, then
+    model.safetensors.index.json, then pytorch_model.bin, then pytorch_model.bin.index.json; a stale
+    index or old shards beside a model.safetensors are ignored, as transformers ignores them.
+    Pickles are refused unless allowed.
+    """
+    single = folder / SAFE_WEIGHTS
     if single.is_file():
         return [single]
-    shards = sorted(p for p in folder.glob("*.safetensors") if p.name not in PEFT_WEIGHT_FILES)
-    if shards:
-        return shards
-    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    index = folder / f"{SAFE_WEIGHTS}.index.json"
+    if index.is_file():
+        return _indexed(index)
+    pickles = [p for p in (folder / PICKLE_WEIGHTS, folder / f"{PICKLE_WEIGHTS}.index.json") if p.is_file()]
     if pickles:
         if not allow_pickle:
             raise RelexError(
                 f"{pickles[0]}: pickle checkpoint refused (it can run code); "
                 "convert it to safetensors or pass --allow-pickle to load it with weights_only=True")
-        return pickles
-    raise RelexError(f"{folder}: no model weights found (expected model.safetensors or shards)")
+        return [pickles[0]] if pickles[0].suffix == ".bin" else _indexed(pickles[0])
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = f" (found {shards[0]} but no {SAFE_WEIGHTS}.index.json naming the shards)" if shards else ""
+    raise RelexError(f"{folder}: no model weights found (expected {SAFE_WEIGHTS} or an index of shards){hint}")
+
+
+def _indexed(index: Path) -> list[Path]:
+    """The shard files an index's weight map names, in order of first appearance."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise RelexError(f"{index}: no weight_map in the index")
+    return [index.parent / name for name in dict.fromkeys(weight_map.values())]
 
 
 def _read_json(path: Path) -> dict:
@@ -92,10 +110,13 @@ class _Location:
 
 
 class CheckpointReader:
-    """Tensor names, specs and row-block reads for one model folder."""
+    """Tensor names, specs and row-block reads for one model folder.
+
+    No file stays open between reads: a run of many checkpoints times many shards never meets the
+    open-file limit, and a checkpoint deleted during the run is refused by name, not read stale.
+    """
 
     def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
-        self._fds: dict[Path, int] = {}
         self.folder = Path(folder)
         self.files = weight_files(self.folder, allow_pickle)
         self._pickles: dict[Path, dict] = {}
@@ -134,8 +155,13 @@ class CheckpointReader:
         log.warning("loading pickle checkpoint %s with weights_only=True", file)
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             raise RelexError(f"{file}: corrupt or truncated weight file ({exc})") from None
+        if not isinstance(state, dict):
+            raise RelexError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise RelexError(f"{file}: entry '{name}' is a {type(value).__name__}, not a tensor")
         self._pickles[file] = state
         return {k: (TensorSpec(tuple(v.shape), v.dtype), 0) for k, v in state.items()}
 
@@ -156,24 +182,51 @@ class CheckpointReader:
         row_bytes = spec.row_numel * spec.dtype.itemsize
         count = max(stop - start, 0) * row_bytes
         raw = buffer[:count] if buffer is not None else torch.empty(count, dtype=torch.uint8)
-        if count and os.preadv(self._fd(where.file), [raw.numpy()], where.offset + start * row_bytes) != count:
-            raise RelexError(f"{where.file}: tensor '{name}' is truncated")
+        if count:
+            try:
+                got = read_exact(where.file, raw.numpy(), where.offset + start * row_bytes)
+            except OSError as exc:
+                raise RelexError(f"{where.file}: cannot read tensor '{name}' ({exc.strerror or exc}; "
+                                 "was the checkpoint removed or rewritten during the run?)") from None
+            if got != count:
+                raise RelexError(f"{where.file}: tensor '{name}' is truncated")
         shape = spec.shape and (stop - start,) + spec.shape[1:]
         return raw.view(spec.dtype).reshape(shape)
 
-    def _fd(self, file: Path) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY)
-        return self._fds[file]
-
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:
-        self.close()
+        """Nothing held open: each read opens its file briefly."""
 
     def fingerprint(self) -> list[list]:
-        """(file, size, mtime) of each weight file: tells a stale statistics cache from a valid one."""
-        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
+        """(file, size, mtime, ctime, inode) of each weight file: tells a stale statistics cache from a valid one.
+
+        ctime and inode change on any rewrite, even one that keeps the size and restores the mtime.
+        """
+        return [file_fingerprint(f) for f in self.files]
+
+
+def file_fingerprint(file: Path) -> list:
+    """Identity of a file's contents as the file system reports it; a vanished file is refused by name."""
+    try:
+        st = file.stat()
+    except OSError as exc:
+        raise RelexError(f"{file}: cannot stat ({exc.strerror or exc})") from None
+    return [str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def read_exact(file: Path, out: "np.ndarray", offset: int) -> int:
+    """Read ``out.nbytes`` bytes of ``file`` from ``offset`` into ``out``; returns the count (short at EOF).
+
+    Loops on short reads: Linux caps one ``preadv`` at 0x7ffff000 bytes, less than a big tensor.
+    """
+    view = memoryview(out).cast("B")
+    done = 0
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                break
+            done += got
+    finally:
+        os.close(fd)
+    return done

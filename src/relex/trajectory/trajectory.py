@@ -24,6 +24,7 @@ class Trajectory:
     base: Path
     checkpoints: list[Checkpoint]
     allow_pickle: bool = False
+    run: Path | None = None  # the run folder the checkpoints were discovered in, if any
     _readers: dict[Path, CheckpointReader | AdapterReader] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -43,7 +44,7 @@ class Trajectory:
         base = Path(base)
         if not base.is_dir():
             raise RelexError(f"{base}: base model folder not found")
-        return cls(base, found, allow_pickle)
+        return cls(base, found, allow_pickle, Path(run) if run is not None and not checkpoints else None)
 
     @property
     def steps(self) -> list[int]:
@@ -62,7 +63,7 @@ class Trajectory:
             raise RelexError(f"only {len(kept)} checkpoint(s) observed up to cutoff {cutoff}: "
                              f"{need} (steps found: "
                              f"{', '.join(map(str, self.steps[:8]))}{'...' if len(self.steps) > 8 else ''})")
-        return Trajectory(self.base, kept, self.allow_pickle, self._readers)
+        return Trajectory(self.base, kept, self.allow_pickle, self.run, self._readers)
 
     def reader(self, folder: Path) -> CheckpointReader | AdapterReader:
         """The folder's reader: a PEFT LoRA adapter checkpoint reads as deltas of the base's tensors."""

@@ -7,7 +7,9 @@ order. The files are ordinary safetensors that ``safe_open``, transformers and v
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +78,9 @@ def _header(shard: list[PlannedTensor]) -> bytes:
 class ShardedWriter:
     """Write planned tensors, in plan order, as row blocks; the index is written on ``close``."""
 
-    def __init__(self, folder: Path, shards: list[list[PlannedTensor]]) -> None:
+    def __init__(self, folder: Path, shards: list[list[PlannedTensor]], label: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.label = Path(label) if label is not None else self.folder  # the name errors give (the final folder)
         self.shards = shards
         self.names = shard_names(len(shards))
         self.order = [(i, t) for i, shard in enumerate(shards) for t in shard]
@@ -91,10 +94,14 @@ class ShardedWriter:
         shard, tensor = self.order[self._position]
         if name != tensor.name or block.dtype != tensor.dtype:
             raise RuntimeError(f"writer expected {tensor.name} ({tensor.dtype}), got {name} ({block.dtype})")
-        if shard != self._shard:
-            self._open_shard(shard)
         data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        try:
+            if shard != self._shard:
+                self._open_shard(shard)
+            self._file.write(memoryview(data))
+        except OSError as exc:
+            raise RelexError(f"{self.label / self.names[shard]}: cannot write tensor '{name}' "
+                             f"({exc.strerror or exc})") from None
         self._written += data.nbytes
         if self._written > tensor.nbytes:
             raise RuntimeError(f"writer got more bytes than planned for {name}")
@@ -103,26 +110,40 @@ class ShardedWriter:
             self._written = 0
 
     def _open_shard(self, shard: int) -> None:
-        if self._file:
-            self._file.close()
+        self._finish_shard()
         self._shard = shard
         self._file = open(self.folder / self.names[shard], "wb")
         self._file.write(_header(self.shards[shard]))
 
+    def _finish_shard(self) -> None:
+        """Close the open shard once its bytes are on disk (fsync: a published folder survives a crash)."""
+        if self._file:
+            file, self._file = self._file, None
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                file.close()
+
     def close(self) -> None:
         """Finish the last shard and write the index when there is more than one shard."""
-        if self._file:
-            self._file.close()
-            self._file = None
+        try:
+            self._finish_shard()
+        except OSError as exc:
+            raise RelexError(f"{self.label / self.names[self._shard]}: cannot write ({exc.strerror or exc})") from None
         if self._position != len(self.order):
             raise RelexError(f"{self.folder}: output incomplete ({self._position}/{len(self.order)} tensors)")
         if len(self.shards) > 1:
             weight_map = {t.name: self.names[i] for i, t in self.order}
             total = sum(t.nbytes for _, t in self.order)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            try:
+                (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as exc:
+                raise RelexError(f"{self.label / INDEX_NAME}: cannot write ({exc.strerror or exc})") from None
 
     def abort(self) -> None:
         if self._file:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
