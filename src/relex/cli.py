@@ -178,7 +178,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         report["alignment"] = alignment(Relex(rank=1), stats, observed.steps, later)
     _print_analysis(report, args.worst)
     if args.json:
-        _write_json(args.json, report)
+        from relex.jsonout import write_json
+
+        write_json(args.json, report)
     return 0
 
 
@@ -205,7 +207,9 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         real = score_backtest(observed, rows, sorted(labels), args.eval_command, options["cache"], options["progress"])
     _print_backtest(rows, safe, real)
     if args.json:
-        _write_json(args.json, {"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe, "real": real})
+        from relex.jsonout import write_json
+
+        write_json(args.json, {"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe, "real": real})
     if args.plot:
         from relex.analysis.plots import plot_backtest
 
@@ -266,16 +270,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise RelexError(f"{path}: cannot read JSON ({exc})") from None
-
-
-def _write_json(path: Path, value) -> None:
-    """Strict JSON (non-finite numbers as null) to ``path``; an unwritable path is a one-line error."""
-    from relex.jsonout import dumps_strict
-
-    try:
-        path.write_text(dumps_strict(value, indent=2) + "\n")
-    except OSError as exc:
-        raise RelexError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _print_analysis(report: dict, worst: int) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from relex.errors import RelexError
 
 
 def finite_or_none(value: Any) -> Any:
@@ -31,3 +34,11 @@ def finite_or_none(value: Any) -> Any:
 def dumps_strict(value: Any, **options: Any) -> str:
     """``json.dumps`` of ``value`` with non-finite floats as null and ``allow_nan=False``."""
     return json.dumps(finite_or_none(value), allow_nan=False, default=str, **options)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Strict JSON of ``value``, indented, to ``path``; a path that cannot be written is a one-line error."""
+    try:
+        Path(path).write_text(dumps_strict(value, indent=2) + "\n")
+    except OSError as exc:
+        raise RelexError(f"{path}: cannot write ({exc.strerror or exc})") from None

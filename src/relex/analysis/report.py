@@ -17,7 +17,7 @@ from relex.analysis.alignment import alignment
 from relex.analysis.backtest import backtest, choose, safe_horizon
 from relex.analysis.diagnostics import diagnose, verdict
 from relex.errors import RelexError
-from relex.jsonout import dumps_strict
+from relex.jsonout import write_json
 from relex.methods import Relex
 from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
@@ -138,8 +138,8 @@ def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Pat
         lines.append("")
     lines += ["## Figures", ""] + [f"### {title}\n\n![{title}]({file})\n" for title, file in figures]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "report.json").write_text(dumps_strict(
-        {"observed_steps": observed, "verdict": verdict(diag, safe), "diagnostics": {k: v for k, v in diag.items()
-                                                                                     if k != "per_tensor"},
-         "explained_variance_cumulative": cumulative, "backtest": rows, "safe_horizon": safe, "chosen": label,
-         "alignment": align, "coefficients": curves}, indent=2) + "\n")
+    write_json(out_dir / "report.json",
+               {"observed_steps": observed, "verdict": verdict(diag, safe),
+                "diagnostics": {k: v for k, v in diag.items() if k != "per_tensor"},
+                "explained_variance_cumulative": cumulative, "backtest": rows, "safe_horizon": safe, "chosen": label,
+                "alignment": align, "coefficients": curves})

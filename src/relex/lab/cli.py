@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
 from relex.lab.llm_profiles import LLM_PROFILES
@@ -170,7 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _print_scores(scores, args, "accuracy")
     if args.json:
         doc = {"task": task.spec(), "scores": {m: s.as_dict() for m, s in scores.items()}}
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        from relex.jsonout import write_json
+
+        write_json(args.json, doc)
     return 0
 
 
@@ -203,5 +204,7 @@ def _eval_dataset(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"dataset": str(args.dataset), "items": len(items), "backend": args.backend, "grader": "math-verify",
                "max_new_tokens": args.max_new_tokens, "scores": {str(m): s.as_dict() for m, s in scores.items()}}
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        from relex.jsonout import write_json
+
+        write_json(args.json, doc)
     return 0

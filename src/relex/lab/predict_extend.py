@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relex.errors import RelexError
+from relex.jsonout import write_json
 from relex.methods import METHODS
 from relex.methods.base import Method
 
@@ -170,7 +171,7 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
             "plain_curve": [{"step": s, **c} for s, c in sorted(curve.items())],
             "seconds": round(time.perf_counter() - start, 2),
         }
-        (tmp / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(tmp / "report.json", doc)
         (tmp / "report.md").write_text(markdown(doc))
     return out
 

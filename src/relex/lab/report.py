@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from relex.jsonout import write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def plot(path: Path, curve: list[Row], rows: list[Row], title: str) -> None:
 def write(out_dir: Path, meta: dict[str, Any], rows: list[Row], curve: list[Row]) -> None:
     """``report.json``, ``report.md`` and ``accuracy.png`` in ``out_dir``."""
     doc = {**meta, "rows": [asdict(r) for r in rows], "curve": [asdict(r) for r in curve]}
-    (out_dir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out_dir / "report.json", doc)
     (out_dir / "report.md").write_text(markdown(meta, rows))
     plot(out_dir / "accuracy.png", curve, rows,
          f"relex lab ({meta['model']['name']}, {meta['profile']}): math" if meta["task"]["task"] == "math" else
