@@ -27,8 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from relex.lab.report import early_gain, rl_gain  # noqa: E402
+from relex.lab.report import early_gain, rl_gain
 
 VERSIONS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "numpy", "safetensors")
 
