@@ -119,3 +119,21 @@ def test_eval_dataset_refuses_bad_input(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "relex", "eval", str(model), "--dataset", str(tmp_path / "none.jsonl")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "none.jsonl" in proc.stderr
+
+
+def test_eval_takes_the_tokenizer_of_base_when_the_model_has_none(tmp_path: Path) -> None:
+    """relex outputs may carry no tokenizer: `--base` supplies it (as it supplies adapters' base weights)."""
+    from conftest import save_pico_model
+
+    base = save_pico_model(tmp_path / "base")
+    bare = save_pico_model(tmp_path / "bare", seed=1)
+    for f in bare.glob("*"):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    data = tmp_path / "d.jsonl"
+    write_dataset(data, [Item("1+2=", "3")])
+    command = [sys.executable, "-m", "relex", "eval", str(bare), "--dataset", str(data), "--max-new-tokens", "2", "-q"]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 2 and "tokenizer" in refused.stderr
+    proc = subprocess.run([*command, "--base", str(base)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

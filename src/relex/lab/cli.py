@@ -64,8 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--digits", type=int, help="operand digits (default 3)")
     ev.add_argument("--heldout-size", type=int, help="held-out problems (default 1000)")
     ev.add_argument("--heldout-seed", type=int, default=1234, help="held-out set seed (default 1234)")
-    ev.add_argument("--tokenizer", type=Path, help="tokenizer folder for models that carry none")
-    ev.add_argument("--base", type=Path, help="base model that LoRA adapter folders are merged onto")
+    ev.add_argument("--tokenizer", type=Path, help="tokenizer folder for models that carry none (default: --base)")
+    ev.add_argument("--base", type=Path, help="base model that LoRA adapter folders are merged onto; also the "
+                                              "tokenizer of models that carry none when --tokenizer is not given")
     ev.add_argument("--dataset", type=Path, metavar="FILE.jsonl",
                     help="grade on this file instead of a lab task: JSON lines with 'prompt' and 'answer', chat "
                          "template applied, math-verify grading, greedy pass@1")
@@ -155,14 +156,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RelexError("--backend needs --dataset")
     try:
         task = make_task(*_task_args(args), args.heldout_seed)
-        scores = {str(m): s for m, s in score_dirs(args.models, task, args.tokenizer, args.batch_size,
+        scores = {str(m): s for m, s in score_dirs(args.models, task, args.tokenizer or args.base, args.batch_size,
                                                    quiet=args.quiet or args.score_only, adapter_base=args.base).items()}
         if pair:
             from relex.lab.evaluate import load_model, load_tokenizer, score_logits_extrapolation
 
             label = f"logits-extrapolate({pair[0]}, {pair[1]}, alpha={args.alpha:g})"
             anchor, cut = (load_model(m, args.base) for m in pair)
-            scores[label] = score_logits_extrapolation(anchor, cut, args.alpha, load_tokenizer(pair[1], args.tokenizer),
+            scores[label] = score_logits_extrapolation(anchor, cut, args.alpha, load_tokenizer(pair[1], args.tokenizer or args.base),
                                                        task, args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(str(exc)) from exc
@@ -196,7 +197,7 @@ def _eval_dataset(args: argparse.Namespace) -> int:
     items = read_dataset(args.dataset)
     try:
         scores = score_dataset(args.models, items, args.backend, args.max_new_tokens, args.batch_size,
-                               tokenizer_dir=args.tokenizer, adapter_base=args.base,
+                               tokenizer_dir=args.tokenizer or args.base, adapter_base=args.base,
                                quiet=args.quiet or args.score_only)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(str(exc)) from exc
