@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -281,7 +282,9 @@ class Watcher:
         if len(steps) < 2:
             return {**status, "verdict": "one checkpoint so far: a line needs two"}
         stats = self.stats(steps)
-        diag = diagnose(stats)
+        with warnings.catch_warnings():  # a short window leaves some diagnostics undefined: NaN, reported as null
+            warnings.simplefilter("ignore", RuntimeWarning)
+            diag = diagnose(stats)
         rows = backtest(stats) if len(steps) >= 2 * MIN_PREFIX else []
         horizon = safe_horizon(rows, choose(rows, HORIZONS[-1])) if rows else None
         return {**status, "median": diag["median"],
