@@ -163,3 +163,15 @@ def test_watch_refuses_an_out_it_does_not_own(tmp_path: Path, pico, capsys) -> N
     assert json.loads((out / "step-50" / "relex.json").read_text())["observed_steps"] == [2, 3, 5, 8, 13, 21]
     assert main(args) == 0  # its own outputs: replaced without --overwrite
     assert set(os.listdir(out)) == {"step-50", "watch.json"}
+
+
+def test_verl_checkpoints_wait_for_the_tracker_file(tmp_path: Path) -> None:
+    base = save_pico_model(tmp_path / "base")
+    run = tmp_path / "run"
+    drift_run(base, run, steps=[5, 10, 15], layout="verl")
+    watcher = Watcher(base, run, settle=3600.0)  # no settling within the test: only the tracker can say complete
+    assert watcher.poll() == []
+    (run / "latest_checkpointed_iteration.txt").write_text("10\n")
+    assert watcher.poll() == [5, 10]
+    (run / "latest_checkpointed_iteration.txt").write_text("15\n")
+    assert watcher.poll() == [15] and watcher.status["window"] == [5, 10, 15]

@@ -1,9 +1,9 @@
 """Follow a run folder that a trainer is still writing: statistics, diagnostics and predictions as it goes.
 
-A checkpoint is taken once it is complete: when its trainer's completion marker is there (TRL and
-transformers write ``trainer_state.json`` after the weights) or, in layouts without one (verl,
-OpenRLHF, plain), when its weight files, index and config have not changed for ``settle`` seconds and
-read back whole. Its Gram entries <Delta_new, Delta_s> with the earlier checkpoints of the window are
+A checkpoint is taken once it is complete: when its trainer says so (TRL and transformers write
+``trainer_state.json`` after the weights; verl writes the step to ``latest_checkpointed_iteration.txt``
+after ``global_step_N/``) or, without such a marker (OpenRLHF, plain), when its weight files, index and
+config have not changed for ``settle`` seconds; either way only once they read back whole. Its Gram entries <Delta_new, Delta_s> with the earlier checkpoints of the window are
 exact only from the weights themselves, so each new checkpoint costs one streaming pass over the base,
 itself and the earlier checkpoints still on disk (``window`` caps how many), and the result is merged
 into the Gram over every step seen, which is saved to the statistics cache.
@@ -43,6 +43,7 @@ from relex.trajectory.reader import file_fingerprint
 log = logging.getLogger(__name__)
 
 COMPLETION_MARKERS = ("trainer_state.json",)  # written by transformers' Trainer after the weights
+VERL_TRACKER = "latest_checkpointed_iteration.txt"  # verl writes the step there once global_step_N/ is saved
 WATCHED_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
                  "adapter_config.json", "config.json")
 STATUS_FILE = "watch.json"
@@ -169,8 +170,7 @@ class Watcher:
             seen = self._seen.get(model)
             if seen is None or seen.signature != signature:
                 seen = self._seen[model] = _Seen(signature, now)
-            marked = any((folder / m).is_file() for m in COMPLETION_MARKERS)
-            if not marked and now - seen.since < self.settle:
+            if not self._marked(step, folder, layout) and now - seen.since < self.settle:
                 continue
             try:
                 self._trajectory([Checkpoint(step, model)]).tensor_specs()
@@ -181,6 +181,17 @@ class Watcher:
                 continue
             found.append(Checkpoint(step, model))
         return sorted(found, key=lambda c: c.step)
+
+    def _marked(self, step: int, folder: Path, layout: str) -> bool:
+        """Whether the trainer says the checkpoint is complete (TRL's trainer_state.json, verl's tracker file)."""
+        if any((folder / m).is_file() for m in COMPLETION_MARKERS):
+            return True
+        if layout != "verl":
+            return False
+        try:
+            return int((self.run / VERL_TRACKER).read_text().strip()) >= step
+        except (OSError, ValueError):
+            return False
 
     def on_disk(self, step: int) -> bool:
         """Whether a taken checkpoint's weight files are still there, unchanged."""
