@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--budget", default="2GB")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_watch.json"))
     args = parser.parse_args()
-    steps = [10 * (i + 1) for i in range(args.checkpoints)]
+    steps = list(range(1, args.checkpoints + 1))  # bench_extrapolate draws its noise at offset = step
     with tempfile.TemporaryDirectory(prefix="relex-bench-watch-") as tmp:
         root = Path(tmp)
         params = generate(root / "gen", args.model, steps)

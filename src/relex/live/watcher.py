@@ -107,10 +107,9 @@ class Watcher:
         self.written: list[Path] = []
         self._seen: dict[Path, _Seen] = {}
         self._since_write = 0
-        base_fp = self._trajectory([]).reader(self.base).fingerprint()
+        self._base_fp = self._trajectory([]).reader(self.base).fingerprint()
         self._cache_folder = None if cache is False else (
             default_cache_dir() if cache in (None, True) else Path(cache))
-        self._base_fp = base_fp
         if self.out is not None:
             self._claim_out(overwrite)
 
