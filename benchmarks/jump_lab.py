@@ -110,11 +110,13 @@ def main() -> None:
           f"plain evaluated every {args.eval_every} steps (n={len(task.heldout)})")
     print(f"{'run':<22}{'named':>7}{'real':>6}{'accuracy':>10}{'+-':>7}{'plain@real':>12}{'saved':>7}")
     for r in rows:
-        plain_real = r.get("plain_at_real_steps")
+        plain_real = "" if r.get("plain_at_real_steps") is None else f"{r['plain_at_real_steps']:.4f}"
+        saved = "" if r.get("saved") is None else r["saved"]
         print(f"{r['run']:<22}{r['named_step']:>7}{r['real_steps']:>6}{r['accuracy']:>10.4f}{r['stderr']:>7.4f}"
-              f"{'' if plain_real is None else f'{plain_real:.4f}':>12}{'' if r.get('saved') is None else r['saved']:>7}")
+              f"{plain_real:>12}{saved:>7}")
     for record in runs:
-        print(f"{record['variant']}: {record['seconds']} s" + (f", jumped {record['jumped']}" if "jumped" in record else ""))
+        jumped = f", jumped {record['jumped']}" if "jumped" in record else ""
+        print(f"{record['variant']}: {record['seconds']} s{jumped}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     from relex.jsonout import write_json
 

@@ -57,7 +57,8 @@ def live_line(watcher: Watcher) -> str:
         parts.append(f"path eff {med['path_efficiency']:.2f} (walk {walk['path_efficiency']:.2f})")
         parts.append(f"growth t^{s['growth_exponent']:.2f}")
         horizon = s["safe_horizon"]
-        parts.append(f"safe: backtest needs {2 * MIN_PREFIX} ckpts" if horizon is None else f"safe {horizon:g}x (step {s['safe_step']})")
+        parts.append(f"safe: backtest needs {2 * MIN_PREFIX} ckpts" if horizon is None
+                     else f"safe {horizon:g}x (step {s['safe_step']})")
     if watcher.written:
         parts.append("wrote " + ", ".join(p.name for p in watcher.written))
     return " | ".join(parts)

@@ -3,10 +3,11 @@
 A checkpoint is taken once it is complete: when its trainer says so (TRL and transformers write
 ``trainer_state.json`` after the weights; verl writes the step to ``latest_checkpointed_iteration.txt``
 after ``global_step_N/``) or, without such a marker (OpenRLHF, plain), when its weight files, index and
-config have not changed for ``settle`` seconds; either way only once they read back whole. Its Gram entries <Delta_new, Delta_s> with the earlier checkpoints of the window are
-exact only from the weights themselves, so each new checkpoint costs one streaming pass over the base,
-itself and the earlier checkpoints still on disk (``window`` caps how many), and the result is merged
-into the Gram over every step seen, which is saved to the statistics cache.
+config have not changed for ``settle`` seconds; either way only once they read back whole. Its Gram
+entries <Delta_new, Delta_s> with the earlier checkpoints of the window are exact only from the
+weights, so each new checkpoint costs one streaming pass over the base, itself and the earlier
+checkpoints still on disk (``window`` caps how many); the result is merged into the Gram over every
+step seen, which is saved to the statistics cache.
 
 A checkpoint the trainer rotated away (``save_total_limit``) keeps its entries, but its inner products
 with later checkpoints can never be computed: they stay unknown (NaN, which the cache never serves).
@@ -22,9 +23,8 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -49,23 +49,13 @@ WATCHED_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bi
 STATUS_FILE = "watch.json"
 
 
-def _signature(folder: Path) -> tuple | None:
-    """(name, size, mtime) of the files a checkpoint's weights consist of; None while there are none."""
+def _last_change(folder: Path) -> float | None:
+    """When the files a checkpoint's weights consist of last changed (wall clock); None while there are none."""
     try:
-        entries = sorted({(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                          for pattern in WATCHED_FILES for p in folder.glob(pattern)})
+        stats = [(p.name, p.stat().st_mtime) for pattern in WATCHED_FILES for p in folder.glob(pattern)]
     except OSError:  # a file vanished between the listing and the stat: still being written or removed
         return None
-    return tuple(entries) if any(name != "config.json" for name, *_ in entries) else None
-
-
-@dataclass
-class _Seen:
-    """A checkpoint folder not taken yet: its signature and since when it has not changed."""
-
-    signature: tuple
-    since: float
-    warned: bool = False
+    return max(t for _, t in stats) if any(name != "config.json" for name, _ in stats) else None
 
 
 class Watcher:
@@ -78,8 +68,7 @@ class Watcher:
     def __init__(self, base: str | Path, run: str | Path, targets: Sequence[int] = (), out: str | Path | None = None,
                  every: int = 1, settle: float = 30.0, window: int | None = None,
                  cache: str | Path | bool | None = None, memory_budget: str | int = "2GB", device: str = "cpu",
-                 overwrite: bool = False, allow_pickle: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 overwrite: bool = False, allow_pickle: bool = False) -> None:
         self.base, self.run = Path(base), Path(run)
         if not self.base.is_dir():
             raise RelexError(f"{self.base}: base model folder not found")
@@ -97,7 +86,6 @@ class Watcher:
         self.every, self.settle, self.window = every, settle, window
         self.engine = {"memory_budget": memory_budget, "device": device}
         self.allow_pickle = allow_pickle
-        self.clock = clock
         self.steps: list[int] = []  # every step taken, sorted
         self.paths: dict[int, Path] = {}
         self.fingerprints: dict[int, list] = {}
@@ -105,7 +93,7 @@ class Watcher:
         self.specs: dict[str, TensorSpec] = {}
         self.status: dict | None = None
         self.written: list[Path] = []
-        self._seen: dict[Path, _Seen] = {}
+        self._warned: set[Path] = set()  # incomplete checkpoints already warned about
         self._since_write = 0
         self._base_fp = self._trajectory([]).reader(self.base).fingerprint()
         self._cache_folder = None if cache is False else (
@@ -154,7 +142,7 @@ class Watcher:
         """Checkpoints complete now and not taken yet, by step (a folder still being written is left for later)."""
         if not self.run.is_dir():
             return []
-        now = self.clock()
+        now = time.time()
         found = []
         for step, folder, layout in step_folders(self.run, warn=False):
             if step in self.paths:
@@ -163,20 +151,15 @@ class Watcher:
                 model = model_folder(folder, layout)
             except RelexError:  # verl: no Hugging Face weights there yet
                 continue
-            signature = _signature(model)
-            if signature is None:
-                continue
-            seen = self._seen.get(model)
-            if seen is None or seen.signature != signature:
-                seen = self._seen[model] = _Seen(signature, now)
-            if not self._marked(step, folder, layout) and now - seen.since < self.settle:
+            changed = _last_change(model)
+            if changed is None or (not self._marked(step, folder, layout) and now - changed < self.settle):
                 continue
             try:
                 self._trajectory([Checkpoint(step, model)]).tensor_specs()
             except (RelexError, OSError) as exc:
-                if not seen.warned:
+                if model not in self._warned:
                     log.warning("%s; waiting until it is complete", exc)
-                    seen.warned = True
+                    self._warned.add(model)
                 continue
             found.append(Checkpoint(step, model))
         return sorted(found, key=lambda c: c.step)
@@ -329,7 +312,7 @@ class Watcher:
         for ckpt in ready:
             if ckpt.step not in self.paths:
                 self.add(ckpt)
-            self._seen.pop(ckpt.path, None)
+            self._warned.discard(ckpt.path)
             taken.append(ckpt.step)
         if not taken:
             return []
