@@ -94,3 +94,23 @@ def test_jump_to_loads_the_prediction_and_moves_the_step(tmp_path: Path, optimiz
     jumps = [row for row in trainer.state.log_history if "relex/jumped_to" in row]
     assert len(jumps) == 1 and jumps[0]["relex/jumped_from"] == 3
     assert np.isfinite([row.get("loss", 0.0) for row in trainer.state.log_history]).all()
+
+
+def test_callback_refuses_to_guess_the_base(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from relex.errors import RelexError
+
+    args = SimpleNamespace(output_dir=str(tmp_path / "run"), world_size=1)
+    model = build_model(PROFILES["ci"].shape, build_tokenizer(make_task("addition", 2, 50).alphabet), seed=0)
+    resumed = SimpleNamespace(is_world_process_zero=True, global_step=5)
+    with pytest.raises(RelexError, match="resumed at step 5"):
+        RelexCallback().on_train_begin(args, resumed, None, model=model)
+    model.peft_config = {}  # what a PEFT model carries
+    with pytest.raises(RelexError, match="PEFT"):
+        RelexCallback().on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=0), None,
+                                       model=model)
+    with pytest.raises(RelexError, match="jump_at=5 needs a jump_to beyond it"):
+        RelexCallback(jump_at=5, jump_to=4)
+    with pytest.raises(RelexError, match="choose one of keep, reset"):
+        RelexCallback(optimizer="adam")
