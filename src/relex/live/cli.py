@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relex.analysis.backtest import MIN_PREFIX
-from relex.live.watcher import Watcher
-
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from relex.live.watcher import Watcher
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def live_line(watcher: Watcher) -> str:
     """One line: the newest step, the window, the median diagnostics against a random walk, the safe horizon."""
+    from relex.analysis.backtest import MIN_PREFIX
+
     s = watcher.status or {}
     if not s.get("window"):
         return f"watching {watcher.run}: no complete checkpoint yet"
@@ -66,6 +66,8 @@ def live_line(watcher: Watcher) -> str:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Follow ``--run`` until Ctrl-C or SIGTERM (or, with ``--once``, one look); both stop cleanly with code 0."""
+    from relex.live.watcher import Watcher
+
     watcher = Watcher(args.base, args.run, args.target, args.out, every=args.every, settle=args.settle,
                       window=args.window, cache=False if args.no_cache else args.cache,
                       memory_budget=args.memory_budget, device=args.device, overwrite=args.overwrite,
