@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     rp.set_defaults(func=cmd_report)
 
+    from relex.live.cli import register as register_watch
+
+    register_watch(sub)
+
     try:
         from relex.lab.cli import register
     except ImportError:  # the lab needs the [lab] extra (transformers, TRL)

@@ -103,10 +103,12 @@ class GRPOResult:
 
 def run_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, cfg: RLConfig,
              out_dir: Path, seed: int, quiet: bool = False, lora: LoraSettings | None = None,
-             accelerator: bool = False, grad_accum: int = 1) -> GRPOResult:
+             accelerator: bool = False, grad_accum: int = 1,
+             callbacks: list[TrainerCallback] | None = None) -> GRPOResult:
     """Train ``model`` with GRPO (a fresh LoRA adapter on it if ``lora``), writing ``out_dir/checkpoint-N/``.
 
-    ``accelerator`` and ``grad_accum``: see `grpo_config`."""
+    ``accelerator`` and ``grad_accum``: see `grpo_config`; ``callbacks``: more trainer callbacks (e.g.
+    ``relex.integrations.trl.RelexCallback``)."""
     dataset = prompt_dataset(task, cfg.steps * cfg.prompts_per_step, seed)
     trainer = GRPOTrainer(
         model=model,
@@ -115,7 +117,7 @@ def run_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
                          grad_accum=grad_accum),
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[_RewardBar(cfg.steps, quiet)],
+        callbacks=[_RewardBar(cfg.steps, quiet), *(callbacks or [])],
         peft_config=lora_config(lora) if lora else None,
     )
     trainer.remove_callback(PrinterCallback)

@@ -4,6 +4,8 @@ A cache entry belongs to one base model; it records the steps and the fingerprin
 ctime, inode) of every checkpoint it was computed from, so a rewrite that keeps the size and restores
 the mtime still misses. A request is served when all its checkpoints are in the
 entry unchanged: the Gram of any subset of steps is a sub-block, so a sweep of cutoffs reads nothing.
+An entry may hold unknown (NaN) inner products, between checkpoints never on disk together (``relex
+watch`` after the trainer rotated one away): a request whose sub-block holds one is a miss.
 The cache is an optimisation: one that cannot be read or written is warned about and skipped.
 """
 
@@ -62,6 +64,8 @@ class StatsCache:
                 for key in handle.keys():
                     full = TensorStats(cached_steps, handle.get_tensor(key).numpy())
                     out[key.removeprefix("gram:")] = full.subset(steps)
+                if not all(np.isfinite(s.gram).all() for s in out.values()):
+                    return None
                 return out
         except (SafetensorError, KeyError, ValueError, OSError) as exc:
             log.warning("ignoring unreadable statistics cache %s (%s)", self.path, exc)

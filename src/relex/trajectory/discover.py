@@ -37,7 +37,7 @@ def _has_weights(folder: Path) -> bool:
     return any(any(folder.glob(g)) for g in _WEIGHT_GLOBS)
 
 
-def _model_folder(folder: Path, layout: str) -> Path:
+def model_folder(folder: Path, layout: str) -> Path:
     """The folder with HF weights inside a saved step (verl keeps them under actor/huggingface)."""
     if layout == "verl":
         hf = folder / "actor" / "huggingface"
@@ -49,24 +49,32 @@ def _model_folder(folder: Path, layout: str) -> Path:
     return folder
 
 
+def step_folders(run: Path, warn: bool = True) -> list[tuple[int, Path, str]]:
+    """(step, folder, layout) of every child of ``run`` named like a saved step; relex's own outputs skipped
+    (with a warning unless ``warn`` is False, for callers that scan the same folder again and again)."""
+    found = []
+    for child in sorted(Path(run).iterdir()):
+        if not child.is_dir():
+            continue
+        if (child / RELEX_OUTPUT_MARKER).is_file():
+            if warn:
+                log.warning("%s: skipped, it is a prediction written by relex (it has %s), not a training checkpoint",
+                            child, RELEX_OUTPUT_MARKER)
+            continue
+        for pattern, layout in _LAYOUTS:
+            match = pattern.fullmatch(child.name)
+            if match:
+                found.append((int(match.group(1)), child, layout))
+                break
+    return found
+
+
 def discover_checkpoints(run: Path) -> list[Checkpoint]:
     """Checkpoints saved during training under ``run``, sorted by step; duplicates are an error."""
     run = Path(run)
     if not run.is_dir():
         raise RelexError(f"{run}: run folder not found")
-    found: list[Checkpoint] = []
-    for child in sorted(run.iterdir()):
-        if not child.is_dir():
-            continue
-        if (child / RELEX_OUTPUT_MARKER).is_file():
-            log.warning("%s: skipped, it is a prediction written by relex (it has %s), not a training checkpoint",
-                        child, RELEX_OUTPUT_MARKER)
-            continue
-        for pattern, layout in _LAYOUTS:
-            match = pattern.fullmatch(child.name)
-            if match:
-                found.append(Checkpoint(int(match.group(1)), _model_folder(child, layout)))
-                break
+    found = [Checkpoint(step, model_folder(child, layout)) for step, child, layout in step_folders(run)]
     if not found:
         raise RelexError(f"{run}: no checkpoints found (expected checkpoint-N/, global_step_N/, "
                          "global_stepN_hf/, step-N/ or step_N/ folders)")

@@ -1,0 +1,1 @@
+"""relex inside trainers: ``relex.integrations.trl.RelexCallback`` (needs transformers)."""
