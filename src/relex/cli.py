@@ -154,28 +154,14 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from relex.analysis import alignment, summarize, tensor_metrics
-    from relex.analysis.backtest import HORIZONS, MIN_PREFIX, backtest, choose, safe_horizon
-    from relex.analysis.diagnostics import diagnose, verdict
+    from relex.analysis.overview import analyze_run
     from relex.materialize import compute_stats
-    from relex.methods import Relex
 
     traj = _trajectory(args)
     observed = traj.observed(args.cutoff)
-    specs = observed.tensor_specs()
     later = [s for s in traj.steps if s > observed.steps[-1]] if args.compare else []
-    source = traj.observed(None) if later else observed
-    stats = compute_stats(source, **_engine_options(args))
-    obs_stats = {n: s.subset(observed.steps) for n, s in stats.items()} if later else stats
-    metrics = [tensor_metrics(n, specs[n].numel, obs_stats[n]) for n in specs]
-    report = {"observed_steps": observed.steps, "summary": summarize(metrics),
-              "tensors": [m.as_dict() for m in metrics]}
-    report["diagnostics"] = diagnose(obs_stats)
-    rows = backtest(obs_stats) if len(observed.steps) >= 2 * MIN_PREFIX else []
-    horizon = safe_horizon(rows, choose(rows, HORIZONS[-1])) if rows else None
-    report["verdict"] = verdict(report["diagnostics"], horizon)
-    if later:
-        report["alignment"] = alignment(Relex(rank=1), stats, observed.steps, later)
+    stats = compute_stats(traj.observed(None) if later else observed, **_engine_options(args))
+    report = analyze_run(stats, observed.steps)
     _print_analysis(report, args.worst)
     if args.json:
         from relex.jsonout import write_json
@@ -310,7 +296,7 @@ def _print_analysis(report: dict, worst: int) -> None:
     checks.add_row("growth exponent, whole model", f"{diag['whole_model']['growth_exponent']:.4f}", "0.5")
     console.print(checks)
     console.print(f"[bold]Verdict:[/bold] {report['verdict']}")
-    if "alignment" in report:
+    if report["alignment"]:
         align = Table(title="RELEX (rank 1) against the real later checkpoints")
         for col in ("step", "mean cosine", "mean norm ratio", "relative error"):
             align.add_column(col, justify="right")
