@@ -68,3 +68,90 @@ def test_one_rank1_helper_and_one_gram_error_helper():
     stay = m[5]  # prefix 1..6, the stop at step 6
     assert row["error_vs_stay"] * np.linalg.norm(stay - m[-1]) == pytest.approx(
         row["relative_error"] * np.linalg.norm(m[-1]), rel=1e-9)
+
+
+# -- the function-space backtest ---------------------------------------------------------------------------------
+UNUSED_TOKENS = [15, 16, 17]  # 'a', 'b', 'c' of the pico tokenizer: never in the probe prompts
+
+
+def turning_run(base, run, turn: bool, steps=range(1, 13), eps: float = 0.003, embed_speed: float = 1.0) -> None:
+    """Every tensor that shapes the outputs drifts along a fixed direction A, with coefficient t, until step 8; in a
+    turning run it then heads back (8 - 2 (t - 8): at the base again by step 12). Meanwhile the embedding rows of
+    tokens the probe never feeds move straight and fast: most of the weight movement, none of the function."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(5)
+    w0 = load_file(str(base / "model.safetensors"))
+    direction = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in w0.items()}
+    embed = "model.embed_tokens.weight"
+    direction[embed] = torch.zeros_like(direction[embed])
+    direction[embed][UNUSED_TOKENS] = torch.randn(len(UNUSED_TOKENS), w0[embed].shape[1], generator=gen,
+                                                  dtype=torch.float64)
+    for step in steps:
+        f = step if not turn or step <= 8 else 8 - 2 * (step - 8)
+        tensors = {n: (t.double() + (embed_speed * step if n == embed else eps * f) * direction[n]).to(t.dtype)
+                   for n, t in w0.items()}
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def probe_file(path):
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(f"{a}+{b}=" for a, b in rng.integers(10, 99, size=(24, 2))) + "\n")
+    return path
+
+
+def test_a_turning_run_is_safe_in_weight_space_and_refused_in_function_space(tmp_path, capsys):
+    base = save_pico_model(tmp_path / "base")
+    turning_run(base, tmp_path / "run", turn=True)
+    io = ["--base", str(base), "--run", str(tmp_path / "run"), "--cache", str(tmp_path / "c"), "-q"]
+    probe = ["--probe", str(probe_file(tmp_path / "probe.txt")), "--probe-tokens", "1"]
+    assert main(["backtest", *io, *probe, "--json", str(tmp_path / "bt.json")]) == 0
+    data = strict_json((tmp_path / "bt.json").read_text())
+    assert data["space"] == "function"
+    assert data["safe_horizon"]["relex linear"] >= 3  # weight space: the embedding rows dominate, and go straight
+    assert data["probe_safe_horizon"]["relex linear"] == 1.0  # function space: stopping is closer
+    row = next(r for r in data["probe"] if r["setting"] == "relex linear" and r["horizon"] == 1.5)
+    assert row["kl"] > row["kl_stop"] and not row["safe"]
+    # --auto: weight space writes step 18, function space refuses with one line and writes nothing
+    assert main(["extrapolate", *io, "--auto", "--target", "18", "--out", str(tmp_path / "weight")]) == 0
+    capsys.readouterr()
+    assert main(["extrapolate", *io, "--auto", *probe, "--target", "18", "--out", str(tmp_path / "fn")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "beat stopping" in err and "probe" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "fn").exists()
+    assert main(["extrapolate", *io, "--auto", *probe, "--clip", "--target", "18",
+                 "--out", str(tmp_path / "clip")]) == 2 and not (tmp_path / "clip").exists()
+
+
+def test_a_straight_run_extrapolates_in_both_spaces(tmp_path):
+    base = save_pico_model(tmp_path / "base")
+    turning_run(base, tmp_path / "run", turn=False)
+    io = ["--base", str(base), "--run", str(tmp_path / "run"), "--cache", str(tmp_path / "c"), "-q"]
+    probe = ["--probe", str(probe_file(tmp_path / "probe.txt")), "--probe-tokens", "4"]
+    assert main(["backtest", *io, *probe, "--json", str(tmp_path / "bt.json")]) == 0
+    data = strict_json((tmp_path / "bt.json").read_text())
+    assert data["safe_horizon"]["relex linear"] >= 3 and data["probe_safe_horizon"]["relex linear"] >= 3
+    assert main(["extrapolate", *io, "--auto", *probe, "--target", "24", "--out", str(tmp_path / "out")]) == 0
+    meta = strict_json((tmp_path / "out" / "step-24" / "relex.json").read_text())
+    assert meta["auto"]["space"] == "function" and meta["auto"]["safe_horizon"] >= 2 and meta["auto"]["probe"]
+    assert main(["analyze", *io, *probe, "--json", str(tmp_path / "an.json")]) == 0
+    assert main(["report", *io, *probe, "--out", str(tmp_path / "report")]) == 0
+    analyzed = strict_json((tmp_path / "an.json").read_text())
+    reported = strict_json((tmp_path / "report" / "report.json").read_text())
+    assert analyzed["space"] == reported["space"] == "function" and analyzed["verdict"] == reported["verdict"]
+    assert "in function space" in analyzed["verdict"]
+    assert "Function-space backtest" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_probe_prompts_file(tmp_path):
+    from relex.analysis.probe import read_prompts
+    from relex.errors import RelexError
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+2=", "answer": "3"}\n\n{"prompt": "3+4="}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["1+2=", "3+4="]
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+2="}\n{"prompt": "3+4="}\n')
+    with pytest.raises(RelexError, match="bad.jsonl:1: .*'prompt'"):
+        read_prompts(tmp_path / "bad.jsonl")

@@ -54,10 +54,11 @@ def representative(stats: dict[str, TensorStats], diag: dict, count: int = 4) ->
 
 
 def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
-                 scores: dict[str, dict[str, float]] | None = None) -> Path:
+                 scores: dict[str, dict[str, float]] | None = None, probe_rows: list[dict] | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and PNGs into ``out_dir``; returns the Markdown path.
 
     The folder is built under a hidden temporary name and renamed when complete (an existing one replaced).
+    ``probe_rows`` (the function-space backtest of the window) make the choice and safe horizon function-space.
     """
     final = Path(out_dir)
     out_dir = temp_path(final)
@@ -66,7 +67,7 @@ def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Pa
         sweep(final.parent)
         remove(out_dir)
         out_dir.mkdir()
-        _write_into(stats, observed, out_dir, scores)
+        _write_into(stats, observed, out_dir, scores, probe_rows)
         trash = temp_path(final, "old")
         if final.exists():
             os.replace(final, trash)
@@ -82,9 +83,9 @@ def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Pa
 
 
 def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
-                scores: dict[str, dict[str, float]] | None) -> None:
+                scores: dict[str, dict[str, float]] | None, probe_rows: list[dict] | None) -> None:
     """The report's files, written into ``out_dir``."""
-    analysis = analyze_run(stats, observed)
+    analysis = analyze_run(stats, observed, probe_rows=probe_rows)
     obs_stats = {n: s.subset(observed) for n, s in stats.items()}
     diag, rows, align = analysis["diagnostics"], analysis["backtest"], analysis["alignment"]
     label, safe = analysis["chosen"], analysis["safe_horizon"]
@@ -125,6 +126,15 @@ def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Pat
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['setting']} | {r['horizon']:g} | {r['relative_error']:.4f} | {r['error_vs_stay']:.3f} | "
                   f"{r['cosine']:.4f} | {r['norm_ratio']:.3f} |" for r in rows]
+        lines.append("")
+    if probe_rows:
+        lines += ["## Function-space backtest (probe)", "", "Mean token KL(real || predicted) of the last observed "
+                  "checkpoint on the probe prompts, teacher-forced on the real model's greedy continuations; safe: "
+                  "below stopping's by more than the margin.", "",
+                  "| setting | horizon | KL | KL / stopping | agreement | agreement of stopping | safe |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['setting']} | {r['horizon']:g} | {r['kl']:.4f} | {r['kl_vs_stay']:.3f} | {r['agreement']:.3f} | "
+                  f"{r['agreement_stop']:.3f} | {'yes' if r['safe'] else 'no'} |" for r in probe_rows]
         lines.append("")
     if align:
         lines += ["## RELEX against real later checkpoints", "", "| step | mean cosine | mean norm ratio | "
