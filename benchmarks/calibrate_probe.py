@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -52,6 +53,17 @@ def spearman(x: list[float], y: list[float]) -> float:
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's machine type elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def with_margin(probe_rows: list[dict], margin: float) -> list[dict]:
@@ -172,7 +184,8 @@ def summarize(labs: list[dict], tune: set[int], margins: list[float]) -> dict:
         summary[split] = {"runs": len(chosen), "points": len(points), "spearman": spear, "auto": autos}
     tuning = summary["tuning"]["auto"]
     safe = [m for m in margins if (tuning[f"probe z={m:g}"]["worst_gap_in_se"] or 0) >= -2]
-    summary["margin_chosen_on_tuning"] = (max(safe, key=lambda m: (tuning[f"probe z={m:g}"]["mean_gap"], -m))
+    # the best mean gap among margins never 2 SE below stopping; ties go to the larger (more cautious) margin
+    summary["margin_chosen_on_tuning"] = (max(safe, key=lambda m: (tuning[f"probe z={m:g}"]["mean_gap"] or 0.0, m))
                                           if safe else max(margins))
     return summary
 
@@ -238,7 +251,9 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("relex").setLevel(logging.ERROR)
     started = time.perf_counter()
-    labs = [lab for path in args.from_json for lab in json.loads(path.read_text())["labs"]]
+    earlier = [json.loads(path.read_text()) for path in args.from_json]
+    labs = [lab for data in earlier for lab in data["labs"]]
+    sources = [data["machine"] for data in earlier]
     tune = set(args.tune_seeds)
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
@@ -247,9 +262,10 @@ def main() -> None:
         summary = summarize(labs, tune, args.margins)
         machine = {"python": platform.python_version(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "relex": relex.__version__,
-                   "cpu": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - started, 1),
+                   "cpu": cpu_name(), "cores": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        write_json(args.json, {"args": vars(args), "machine": machine, "summary": summary, "labs": labs})
+        write_json(args.json, {"args": vars(args), "machine": machine, "measured_in": sources, "summary": summary,
+                               "labs": labs})
         return {"summary": summary, "machine": machine}
 
     for lab in args.labs:
