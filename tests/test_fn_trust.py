@@ -155,3 +155,6 @@ def test_probe_prompts_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "1+2="}\n{"prompt": "3+4="}\n')
     with pytest.raises(RelexError, match="bad.jsonl:1: .*'prompt'"):
         read_prompts(tmp_path / "bad.jsonl")
+    assert main(["extrapolate", "--base", str(tmp_path), "--probe", str(tmp_path / "p.jsonl"), "--target", "9",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
