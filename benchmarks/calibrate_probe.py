@@ -160,6 +160,10 @@ def summarize(labs: list[dict], tune: set[int], margins: list[float]) -> dict:
                  "probe: -z(KL diff)": spearman([-num(p["kl_z"]) for p, _, _ in points], gaps),
                  "probe: agreement gain": spearman([num(p["agreement_gain"]) for p, _, _ in points], gaps),
                  "weight: -error/stop": spearman([-num(p["error_vs_stay"]) for p, _, _ in points], gaps)}
+        within = [spearman([-num(p["kl_vs_stay"]) for p in t["points"]], [p["gap"] for p in t["points"]])
+                  for lab in chosen for c in lab["cutoffs"] for t in c["targets"]]
+        within = [r for r in within if math.isfinite(r)]
+        spear["probe: -KL/stop, median within a (run, C, T)"] = float(np.median(within)) if within else float("nan")
         autos = {}
         for name in ["weight"] + [f"probe z={m:g}" for m in margins]:
             worst, gains, shares, wrote, cases = math.inf, [], [], 0, 0
