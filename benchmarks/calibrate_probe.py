@@ -72,7 +72,7 @@ def with_margin(probe_rows: list[dict], margin: float) -> list[dict]:
 
 
 def measure_lab(lab: Path, ratios: list[float], probe_size: int, eval_size: int, margins: list[float],
-                cutoffs: list[int] | None) -> dict:
+                cutoffs: list[int] | None, device: str = "cpu", batch_size: int = 512) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -92,14 +92,14 @@ def measure_lab(lab: Path, ratios: list[float], probe_size: int, eval_size: int,
     traj = Trajectory.discover(lab / "base", lab / "run")
     full = compute_stats(traj, cache=False, progress=False)
     tokenizer = load_tokenizer(lab / "base")
-    model = AutoModelForCausalLM.from_pretrained(lab / "base", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(lab / "base", dtype=torch.float32).to(device).eval()
     loader = WeightLoader(traj)
     loader.check(model)
     settings = {s.label: s for s in default_settings()}
 
     def accuracy(steps: list[int], weights) -> dict:
         loader.load(model, steps, weights)
-        score = score_model(model, tokenizer, task, problems=problems)
+        score = score_model(model, tokenizer, task, batch_size=batch_size, problems=problems)
         return {"accuracy": score.accuracy, "stderr": score.stderr}
 
     out = {"lab": str(lab), "seed": report.get("seed"), "lora": report.get("lora") is not None,
@@ -109,7 +109,7 @@ def measure_lab(lab: Path, ratios: list[float], probe_size: int, eval_size: int,
         window = {n: s.subset(observed.steps) for n, s in full.items()}
         rows = backtest(window)
         started = time.perf_counter()
-        probe = Probe(observed, probe_prompts, raw_prompts=True, max_new_tokens=task.max_new_tokens)
+        probe = Probe(observed, probe_prompts, raw_prompts=True, max_new_tokens=task.max_new_tokens, device=device)
         probe_rows = probe_backtest(probe, window, rows)
         probe_seconds = time.perf_counter() - started
         stop = accuracy(observed.steps, np.eye(len(observed.steps))[-1])
@@ -242,6 +242,8 @@ def main() -> None:
                         help="seeds whose runs tune the margin; the others are held out")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/calibration.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda for the real-LLM lab on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=512, help="held-out scoring batch")
     args = parser.parse_args()
 
     import torch
@@ -274,7 +276,8 @@ def main() -> None:
 
     for lab in args.labs:
         t0 = time.perf_counter()
-        labs.append(measure_lab(lab, args.ratios, args.probe_size, args.eval_size, args.margins, args.cutoffs))
+        labs.append(measure_lab(lab, args.ratios, args.probe_size, args.eval_size, args.margins, args.cutoffs,
+                                args.device, args.batch_size))
         print(f"<!-- {lab}: {time.perf_counter() - t0:.1f} s -->", flush=True)
         save()
     done = save()
