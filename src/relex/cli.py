@@ -166,12 +166,11 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         raise RelexError("--probe judges --auto's choice: pass --auto with it")
     if args.auto:
         from relex.analysis.auto import auto_method
+        from relex.analysis.backtest import backtest
         from relex.materialize import compute_stats
 
         if not args.target:
             raise RelexError("--auto needs at least one --target")
-        from relex.analysis.backtest import backtest
-
         observed = _trajectory(args).observed(args.cutoff)
         stats = compute_stats(observed, **_engine_options(args))
         rows = backtest(stats)

@@ -9,9 +9,10 @@ only if its per-prompt KL is below stopping's by more than ``margin`` standard e
 per-prompt difference: better than what you already have, beyond the probe's noise.
 
 Weights are streamed like the engine: per tensor, the prefix's deltas are read in row blocks within the
-memory budget and their weighted sum is copied into a loaded model (two model copies live: the real
-checkpoint's and the candidate's). Each candidate costs one read of its prefix and two forward passes
-over the probe (the real model's reference is recomputed rather than held, so memory stays bounded).
+memory budget and their weighted sum (computed on ``--device``) is copied into a loaded model; two model
+copies live, the real checkpoint's and the candidate's. Each candidate costs one read of its prefix and two
+forward passes over the probe (the real model's reference is recomputed rather than held, so memory stays
+bounded).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from relex.analysis.backtest import default_settings
 from relex.errors import RelexError
+from relex.materialize.engine import _check_device
 from relex.materialize.stream import DeltaStream
 from relex.stats.gram import TensorStats
 from relex.trajectory import Trajectory
@@ -63,9 +65,10 @@ def read_prompts(path: Path) -> list[str]:
 class WeightLoader:
     """Streams W_0 + sum_t weights[t] (W_t - W_0) into a loaded model, tensor by tensor in row blocks."""
 
-    def __init__(self, trajectory: Trajectory, memory_budget: str | int = "2GB") -> None:
+    def __init__(self, trajectory: Trajectory, memory_budget: str | int = "2GB", device: str = "cpu") -> None:
         self.trajectory = trajectory
         self.budget = parse_size(memory_budget)
+        self.device = _check_device(device)  # where the weighted sums are computed, as in the engine
         self.specs = trajectory.tensor_specs()
 
     def check(self, model: "PreTrainedModel") -> None:
@@ -84,7 +87,7 @@ class WeightLoader:
         window = self.trajectory.observed(steps[-1], minimum=1)
         if window.steps != list(steps):
             raise RelexError(f"probe: steps {steps} are not a prefix of the observed window {self.trajectory.steps}")
-        stream = DeltaStream(window, self.budget, "cpu", n_outputs=1)
+        stream = DeltaStream(window, self.budget, self.device, n_outputs=1)
         params = dict(model.named_parameters(remove_duplicate=False))
         params.update(model.named_buffers())
         for name, spec in self.specs.items():
@@ -114,8 +117,8 @@ class Probe:
         transformers.utils.logging.disable_progress_bar()  # relex draws its own; its errors are one line
         transformers.utils.logging.set_verbosity_error()
         self.trajectory = trajectory
-        self.device = torch.device(device)
-        self.loader = WeightLoader(trajectory, memory_budget)
+        self.loader = WeightLoader(trajectory, memory_budget, device)
+        self.device = torch.device(self.loader.device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(trajectory.base)
             self.real = AutoModelForCausalLM.from_pretrained(trajectory.base, dtype="auto").to(self.device).eval()
