@@ -33,6 +33,38 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     _add_verbosity(p)
 
 
+def _add_probe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", type=Path, metavar="FILE",
+                   help="judge in function space: prompts (one per line, or JSONL with a 'prompt' field) on which "
+                        "each backtest prediction is compared with the real checkpoint and with stopping")
+    p.add_argument("--raw-prompts", action="store_true", help="--probe: do not apply the tokenizer's chat template")
+    p.add_argument("--probe-tokens", type=int, default=32,
+                   help="--probe: greedy continuation length of the real checkpoint (default 32)")
+    p.add_argument("--probe-margin", type=float, default=2.0,
+                   help="--probe: standard errors by which a prediction must beat stopping (default 2)")
+
+
+def _probe_rows(args: argparse.Namespace, observed, stats: dict, rows: list[dict]) -> list[dict] | None:
+    """The function-space backtest when --probe is given, else None."""
+    if args.probe is None:
+        return None
+    from relex.analysis.probe import run_probe
+
+    return run_probe(observed, stats, rows, args.probe, raw_prompts=args.raw_prompts,
+                     max_new_tokens=args.probe_tokens, margin=args.probe_margin, device=args.device,
+                     memory_budget=args.memory_budget, progress=not args.quiet)
+
+
+def _window_probe(args: argparse.Namespace, observed, stats: dict) -> list[dict] | None:
+    """--probe for analyze and report, whose statistics may cover later steps: backtest the window only."""
+    if args.probe is None:
+        return None
+    from relex.analysis.backtest import backtest
+
+    window = {n: s.subset(observed.steps) for n, s in stats.items()}
+    return _probe_rows(args, observed, window, backtest(window))
+
+
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -67,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--auto: largest backtest relative error counted as safe (default 0.5)")
     ex.add_argument("--clip", action="store_true", help="--auto: clip targets to the safe horizon instead of refusing")
     ex.add_argument("--force", action="store_true", help="--auto: write targets beyond the safe horizon anyway")
+    _add_probe(ex)
     ex.set_defaults(func=cmd_extrapolate)
 
     bt = sub.add_parser("backtest", help="fit on prefixes of the window, score predictions of its last checkpoint")
@@ -76,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--max-error", type=float, default=0.5, help="relative error counted as safe (default 0.5)")
     bt.add_argument("--eval-command", help="score predictions too: a command with {model} that prints a number, "
                                            "e.g. 'relex eval {model} --profile default --score-only'")
+    _add_probe(bt)
     bt.add_argument("--eval-settings", default="relex linear,best",
                     help="settings to score with --eval-command (comma list; 'best' = best per horizon)")
     bt.set_defaults(func=cmd_backtest)
@@ -86,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--worst", type=int, default=10, help="list this many worst tensors (default 10)")
     an.add_argument("--compare", action="store_true",
                     help="also read later checkpoints and report RELEX's alignment with them")
+    _add_probe(an)
     an.set_defaults(func=cmd_analyze)
 
     rp = sub.add_parser("report", help="one Markdown page with diagnostics, backtest and plots")
@@ -94,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--scores", type=Path,
                     help='accuracy by step as JSON: {"real": {"STEP": acc, ...}, "relex": {...}}')
     rp.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    _add_probe(rp)
     rp.set_defaults(func=cmd_report)
 
     from relex.live.cli import register as register_watch
@@ -130,16 +166,21 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     from relex.methods import METHODS
 
     run_info = {"run": str(args.run.resolve()) if args.run else None}
+    if args.probe and not args.auto:
+        raise RelexError("--probe judges --auto's choice: pass --auto with it")
     if args.auto:
         from relex.analysis.auto import auto_method
+        from relex.analysis.backtest import backtest
         from relex.materialize import compute_stats
 
         if not args.target:
             raise RelexError("--auto needs at least one --target")
         observed = _trajectory(args).observed(args.cutoff)
         stats = compute_stats(observed, **_engine_options(args))
+        rows = backtest(stats)
         method, targets, run_info["auto"] = auto_method(stats, args.target, args.cutoff, max_error=args.max_error,
-                                                         force=args.force, clip=args.clip)
+                                                         force=args.force, clip=args.clip, rows=rows,
+                                                         probe_rows=_probe_rows(args, observed, stats, rows))
         log.info("--auto chose %s: %s", run_info["auto"]["chosen"], run_info["auto"]["reason"])
         method.fit(observed, progress=not args.quiet)
         options = {"stats": stats}  # the backtest's statistics: no second Gram pass
@@ -158,28 +199,14 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from relex.analysis import alignment, summarize, tensor_metrics
-    from relex.analysis.backtest import HORIZONS, MIN_PREFIX, backtest, choose, safe_horizon
-    from relex.analysis.diagnostics import diagnose, verdict
+    from relex.analysis.overview import analyze_run
     from relex.materialize import compute_stats
-    from relex.methods import Relex
 
     traj = _trajectory(args)
     observed = traj.observed(args.cutoff)
-    specs = observed.tensor_specs()
     later = [s for s in traj.steps if s > observed.steps[-1]] if args.compare else []
-    source = traj.observed(None) if later else observed
-    stats = compute_stats(source, **_engine_options(args))
-    obs_stats = {n: s.subset(observed.steps) for n, s in stats.items()} if later else stats
-    metrics = [tensor_metrics(n, specs[n].numel, obs_stats[n]) for n in specs]
-    report = {"observed_steps": observed.steps, "summary": summarize(metrics),
-              "tensors": [m.as_dict() for m in metrics]}
-    report["diagnostics"] = diagnose(obs_stats)
-    rows = backtest(obs_stats) if len(observed.steps) >= 2 * MIN_PREFIX else []
-    horizon = safe_horizon(rows, choose(rows, HORIZONS[-1])) if rows else None
-    report["verdict"] = verdict(report["diagnostics"], horizon)
-    if later:
-        report["alignment"] = alignment(Relex(rank=1), stats, observed.steps, later)
+    stats = compute_stats(traj.observed(None) if later else observed, **_engine_options(args))
+    report = analyze_run(stats, observed.steps, probe_rows=_window_probe(args, observed, stats))
     _print_analysis(report, args.worst)
     if args.json:
         from relex.jsonout import write_json
@@ -194,11 +221,13 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     observed = _trajectory(args).observed(args.cutoff)
     options = _engine_options(args)
-    rows = backtest(compute_stats(observed, **options))
+    stats = compute_stats(observed, **options)
+    rows = backtest(stats)
     if not rows:
         raise RelexError(f"{len(observed.steps)} observed checkpoints are too few to backtest (need 3 at or before "
                          "cutoff/1.5)")
     safe = {label: safe_horizon(rows, label, args.max_error) for label in dict.fromkeys(r["setting"] for r in rows)}
+    probe_rows = _probe_rows(args, observed, stats, rows)
     real = None
     if args.eval_command:
         from relex.analysis.backtest import choose
@@ -210,10 +239,21 @@ def cmd_backtest(args: argparse.Namespace) -> int:
             labels |= {choose([r for r in rows if r["horizon"] == h], h) for h in {r["horizon"] for r in rows}}
         real = score_backtest(observed, rows, sorted(labels), args.eval_command, options["cache"], options["progress"])
     _print_backtest(rows, safe, real)
+    if probe_rows:
+        from relex.analysis.probe import safe_horizon_by_probe
+
+        probe_safe = {label: safe_horizon_by_probe(probe_rows, label) for label in safe}
+        _print_probe(probe_rows, probe_safe)
+    else:
+        probe_safe = None
+        print("Safe horizons above are in weight space only (relative weight error), which does not track accuracy; "
+              "pass --probe FILE to compare the predicted models' outputs with stopping.")
     if args.json:
         from relex.jsonout import write_json
 
-        write_json(args.json, {"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe, "real": real})
+        write_json(args.json, {"observed_steps": observed.steps, "rows": rows, "safe_horizon": safe, "real": real,
+                               "space": "function" if probe_rows else "weight", "probe": probe_rows,
+                               "probe_safe_horizon": probe_safe})
     if args.plot:
         from relex.analysis.plots import plot_backtest
 
@@ -231,7 +271,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     observed = traj.observed(args.cutoff)
     stats = compute_stats(traj.observed(None), **_engine_options(args))
     scores = _read_json(args.scores) if args.scores else None
-    path = write_report(stats, observed.steps, args.out, scores)
+    path = write_report(stats, observed.steps, args.out, scores, _window_probe(args, observed, stats))
     if not args.quiet:
         print(path)
     return 0
@@ -267,6 +307,25 @@ def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None 
     console.print(table)
     if real:
         console.print(f"Real checkpoint at step {real['step']}: accuracy {real['accuracy']:.4f}")
+
+
+def _print_probe(rows: list[dict], safe: dict[str, float]) -> None:
+    from rich.table import Table
+
+    horizons = sorted({r["horizon"] for r in rows})
+    table = Table(title="Function-space backtest: mean token KL(real || predicted) on the probe, in brackets / "
+                        "stopping's; * = below stopping by more than the margin (safe)")
+    table.add_column("setting")
+    for h in horizons:
+        table.add_column(f"h={h:g}", justify="right")
+    table.add_column("safe", justify="right")
+    for label, horizon in safe.items():
+        cells = []
+        for h in horizons:
+            row = next((r for r in rows if r["setting"] == label and r["horizon"] == h), None)
+            cells.append(f"{row['kl']:.4f} ({row['kl_vs_stay']:.2f}){'*' if row['safe'] else ''}" if row else "-")
+        table.add_row(label, *cells, f"{horizon:g}x")
+    _console().print(table)
 
 
 def _read_json(path: Path):
@@ -314,7 +373,7 @@ def _print_analysis(report: dict, worst: int) -> None:
     checks.add_row("growth exponent, whole model", f"{diag['whole_model']['growth_exponent']:.4f}", "0.5")
     console.print(checks)
     console.print(f"[bold]Verdict:[/bold] {report['verdict']}")
-    if "alignment" in report:
+    if report["alignment"]:
         align = Table(title="RELEX (rank 1) against the real later checkpoints")
         for col in ("step", "mean cosine", "mean norm ratio", "relative error"):
             align.add_column(col, justify="right")

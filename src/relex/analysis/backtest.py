@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from relex.analysis.metrics import gram_errors, prediction_terms
 from relex.errors import RelexError
 from relex.methods import Method, Relex, TwoPoint
 from relex.stats.gram import TensorStats
@@ -87,25 +88,15 @@ def _errors(stats: dict[str, TensorStats], method: Method, steps: list[int], pre
     idx = {s: i for i, s in enumerate(steps)}
     p_idx = [idx[s] for s in prefix]
     f, p = idx[final], idx[prefix[-1]]
-    err2 = real2 = pred2 = dot = stay2 = 0.0
-    cosines = []
+    terms, stay = [], []
     for st in stats.values():
-        g = st.gram
         w = method.weights(st.subset(prefix), [final])[0]
-        t_pred2 = float(w @ g[np.ix_(p_idx, p_idx)] @ w)
-        t_dot = float(w @ g[p_idx, f])
-        t_real2 = float(g[f, f])
-        err2 += max(t_pred2 - 2 * t_dot + t_real2, 0.0)
-        stay2 += max(g[p, p] - 2 * g[p, f] + g[f, f], 0.0)
-        pred2, dot, real2 = pred2 + t_pred2, dot + t_dot, real2 + t_real2
-        if t_pred2 > 0 and t_real2 > 0:
-            cosines.append(t_dot / math.sqrt(t_pred2 * t_real2))
-    nan = float("nan")
-    return {"relative_error": math.sqrt(err2 / real2) if real2 > 0 else nan,
-            "error_vs_stay": math.sqrt(err2 / stay2) if stay2 > 0 else nan,
-            "cosine": dot / math.sqrt(pred2 * real2) if pred2 > 0 and real2 > 0 else nan,
-            "mean_tensor_cosine": float(np.mean(cosines)) if cosines else nan,
-            "norm_ratio": math.sqrt(pred2 / real2) if real2 > 0 else nan}
+        terms.append(prediction_terms(st.gram, p_idx, w, f))
+        stay.append(prediction_terms(st.gram, [p], np.ones(1), f))
+    pred, stop = gram_errors(terms), gram_errors(stay)
+    return {"relative_error": pred["relative_error"],
+            "error_vs_stay": pred["error"] / stop["error"] if stop["error"] > 0 else float("nan"),
+            "cosine": pred["cosine"], "mean_tensor_cosine": pred["mean_cosine"], "norm_ratio": pred["norm_ratio"]}
 
 
 def scoring_horizon(rows: list[dict], ratio: float) -> float:
@@ -133,3 +124,19 @@ def safe_horizon(rows: list[dict], setting: str, max_error: float = 0.5) -> floa
             break
         safe = row["horizon"]
     return safe
+
+
+def best_supported(rows: list[dict], max_error: float = 0.5) -> tuple[str, float]:
+    """(setting, safe horizon) of the setting that the backtest supports furthest; ties go to the lower
+    relative error at that horizon. The one choice that ``relex analyze`` and ``relex report`` show."""
+    safe = {label: safe_horizon(rows, label, max_error) for label in dict.fromkeys(r["setting"] for r in rows)}
+    first = min(r["horizon"] for r in rows)
+
+    def error_at(label: str) -> float:
+        h = safe[label] if safe[label] > 1 else first
+        row = next((r for r in rows if r["setting"] == label and r["horizon"] == h), None)
+        return row["relative_error"] if row and not math.isnan(row["relative_error"]) else math.inf
+
+    label = min(safe, key=lambda lb: (-safe[lb], error_at(lb)))
+    return label, safe[label]
+

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from relex.analysis.backtest import MIN_PREFIX
-from relex.methods.fitting import fit_line, r_squared
+from relex.analysis.metrics import rank1_fit
+from relex.methods.fitting import fit_line
 from relex.stats.gram import TensorStats
 
 NULL_DIM = 2048
@@ -55,16 +56,9 @@ def direction_drift(stats: TensorStats) -> float:
     return float(abs(cross) / np.sqrt(values[0] * h_values[0]))
 
 
-def rank1_and_r2(stats: TensorStats) -> tuple[float, float]:
-    values, vectors = stats.spectrum()
-    if values.sum() <= 0:
-        return float("nan"), float("nan")
-    return float(values[0] / values.sum()), r_squared(stats.steps, np.sqrt(values[0]) * vectors[:, 0])
-
-
 def tensor_diagnostics(stats: TensorStats) -> dict[str, float]:
-    rank1, r2 = rank1_and_r2(stats)
-    return {"rank1_share": rank1, "r2_linear": r2, "path_efficiency": path_efficiency(stats),
+    fit = rank1_fit(stats)
+    return {"rank1_share": fit.share, "r2_linear": fit.r2, "path_efficiency": path_efficiency(stats),
             "growth_exponent": growth_exponent(stats), "direction_drift_cos": direction_drift(stats)}
 
 
@@ -111,10 +105,12 @@ def wander_limit(null_eff: float) -> float:
     return min(2 * null_eff, (1 + null_eff) / 2)
 
 
-def verdict(diag: dict, safe_horizon: float | None) -> str:
+def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, space: str = "weight") -> str:
     """One line: growth, straightness and fit against a random walk, and how far the backtest goes.
 
     ``safe_horizon`` None means the backtest did not run (too few checkpoints), not that it failed.
+    ``space`` says what the safe horizon rests on: "weight" (Gram errors only, said so plainly) or
+    "function" (the probe backtest: the prediction's outputs beat stopping's beyond the probe's noise).
     """
     med, null = diag["median"], diag["random_walk"]
     growth = diag["whole_model"]["growth_exponent"]
@@ -130,5 +126,8 @@ def verdict(diag: dict, safe_horizon: float | None) -> str:
     turn = f"its top direction {'holds' if drift > 0.95 else 'turns'} (cos {drift:.2f}, first half vs whole window)"
     horizon = (f"too few checkpoints to backtest ({len(diag['steps'])}; it needs {2 * MIN_PREFIX})"
                if safe_horizon is None else "the backtest supports no extrapolation" if safe_horizon <= 1
-               else f"the backtest supports up to {safe_horizon:g}x the cutoff")
+               else f"the backtest supports up to {safe_horizon:g}x the cutoff" + (f" ({setting})" if setting else ""))
+    if safe_horizon is not None:
+        horizon += (" in function space (the probe's outputs)" if space == "function" else
+                    " in weight space only (no probe: pass --probe FILE to check the model's outputs)")
     return f"The run {shape}, {path}; {fit}; {turn}; {horizon}."

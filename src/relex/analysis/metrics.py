@@ -1,7 +1,9 @@
-"""Per-tensor trajectory diagnostics from Gram statistics, and their summary over a model."""
+"""Per-tensor trajectory metrics from Gram statistics, their summary over a model, and the closed-form
+error of any weighted-sum prediction (shared by the backtest, alignment and diagnostics)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -10,6 +12,27 @@ from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
 
 THRESHOLDS = {"explained_var_rank1": 0.9, "r2_linear": 0.98}
+
+
+@dataclass(frozen=True)
+class Rank1Fit:
+    """The paper's evidence for one tensor: rank-1 share of the deltas and the line through c_1(t)."""
+
+    share: float      # sigma_1^2 / sum_k sigma_k^2 (nan when the tensor did not move)
+    r2: float         # R^2 of c_1(t) = a t + b on the real steps
+    slope: float
+    intercept: float
+
+
+def rank1_fit(stats: TensorStats) -> Rank1Fit:
+    """Rank-1 share and linear fit of the top coefficient c_1 = sigma_1 u_1, from the Gram matrix."""
+    values, vectors = stats.spectrum()
+    total = float(values.sum())
+    if total <= 0:
+        return Rank1Fit(float("nan"), float("nan"), 0.0, 0.0)
+    coeff = np.sqrt(values[0]) * vectors[:, 0]
+    slope, intercept = fit_line(stats.steps, coeff)
+    return Rank1Fit(float(values[0] / total), r_squared(stats.steps, coeff), slope, intercept)
 
 
 @dataclass
@@ -29,15 +52,8 @@ class TensorMetrics:
 
 
 def tensor_metrics(name: str, numel: int, stats: TensorStats) -> TensorMetrics:
-    values, vectors = stats.spectrum()
-    total = float(values.sum())
-    norm = float(stats.delta_norms[-1])
-    if total <= 0:
-        return TensorMetrics(name, numel, float("nan"), float("nan"), 0.0, 0.0, norm)
-    coeff = np.sqrt(values[0]) * vectors[:, 0]
-    slope, intercept = fit_line(stats.steps, coeff)
-    return TensorMetrics(name, numel, float(values[0] / total), r_squared(stats.steps, coeff),
-                         slope, intercept, norm)
+    fit = rank1_fit(stats)
+    return TensorMetrics(name, numel, fit.share, fit.r2, fit.slope, fit.intercept, float(stats.delta_norms[-1]))
 
 
 def summarize(metrics: list[TensorMetrics]) -> dict:
@@ -53,3 +69,31 @@ def summarize(metrics: list[TensorMetrics]) -> dict:
             f"share_over_{threshold}": float((values > threshold).mean()) if values.size else float("nan"),
         }
     return out
+
+
+def prediction_terms(gram: np.ndarray, rows: list[int], weights: np.ndarray, target: int) -> tuple[float, float, float]:
+    """(<p, r>, ||p||^2, ||r||^2) for p = sum_t weights[t] Delta_{rows[t]} and r = Delta_target, from G alone."""
+    w = np.asarray(weights, dtype=np.float64)
+    return (float(w @ gram[rows, target]), float(w @ gram[np.ix_(rows, rows)] @ w), float(gram[target, target]))
+
+
+def gram_errors(terms: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Whole-model errors of a prediction from its per-tensor ``prediction_terms``.
+
+    relative_error ||p - r|| / ||r|| and norm_ratio ||p|| / ||r|| over all tensors together, cosine of the
+    concatenated vectors, and the mean over tensors (that moved and were predicted to) of cosine and norm ratio.
+    """
+    err2 = pred2 = dot = real2 = 0.0
+    cosines, ratios = [], []
+    for t_dot, t_pred2, t_real2 in terms:
+        err2 += max(t_pred2 - 2 * t_dot + t_real2, 0.0)
+        dot, pred2, real2 = dot + t_dot, pred2 + t_pred2, real2 + t_real2
+        if t_pred2 > 0 and t_real2 > 0:
+            cosines.append(t_dot / math.sqrt(t_pred2 * t_real2))
+            ratios.append(math.sqrt(t_pred2 / t_real2))
+    nan = float("nan")
+    return {"relative_error": math.sqrt(err2 / real2) if real2 > 0 else nan, "error": math.sqrt(err2),
+            "cosine": dot / math.sqrt(pred2 * real2) if pred2 > 0 and real2 > 0 else nan,
+            "norm_ratio": math.sqrt(pred2 / real2) if real2 > 0 else nan,
+            "mean_cosine": float(np.mean(cosines)) if cosines else nan,
+            "mean_norm_ratio": float(np.mean(ratios)) if ratios else nan}

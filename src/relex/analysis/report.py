@@ -1,8 +1,9 @@
 """``relex report``: one Markdown page with the run's diagnostics, backtest and plots (paper Figs. 2-6).
 
-Everything comes from the Gram statistics (computed once, cached): coefficient trajectories with their
-fits, rank-k explained variance, the random-walk comparison, the backtest, and, when the run folder has
-checkpoints after the cutoff, RELEX's alignment with them. Accuracy by step is plotted from a scores file.
+Everything comes from the Gram statistics (computed once, cached): the analysis that ``relex analyze``
+shows (``analysis.overview.analyze_run``: diagnostics, backtest, choice, safe horizon, verdict and, when the
+run folder has checkpoints after the cutoff, RELEX's alignment with them), rendered as Markdown, plus the
+coefficient trajectories with their fits and the rank-k explained variance. Accuracy by step is plotted from a scores file.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from relex.analysis import plots
-from relex.analysis.alignment import alignment
-from relex.analysis.backtest import backtest, choose, safe_horizon
-from relex.analysis.diagnostics import diagnose, verdict
+from relex.analysis.overview import analyze_run
 from relex.errors import RelexError
 from relex.jsonout import write_json
-from relex.methods import Relex
 from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
 from relex.tempfiles import remove, sweep, temp_path
@@ -56,10 +54,11 @@ def representative(stats: dict[str, TensorStats], diag: dict, count: int = 4) ->
 
 
 def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
-                 scores: dict[str, dict[str, float]] | None = None) -> Path:
+                 scores: dict[str, dict[str, float]] | None = None, probe_rows: list[dict] | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and PNGs into ``out_dir``; returns the Markdown path.
 
     The folder is built under a hidden temporary name and renamed when complete (an existing one replaced).
+    ``probe_rows`` (the function-space backtest of the window) make the choice and safe horizon function-space.
     """
     final = Path(out_dir)
     out_dir = temp_path(final)
@@ -68,7 +67,7 @@ def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Pa
         sweep(final.parent)
         remove(out_dir)
         out_dir.mkdir()
-        _write_into(stats, observed, out_dir, scores)
+        _write_into(stats, observed, out_dir, scores, probe_rows)
         trash = temp_path(final, "old")
         if final.exists():
             os.replace(final, trash)
@@ -84,15 +83,12 @@ def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Pa
 
 
 def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
-                scores: dict[str, dict[str, float]] | None) -> None:
+                scores: dict[str, dict[str, float]] | None, probe_rows: list[dict] | None) -> None:
     """The report's files, written into ``out_dir``."""
+    analysis = analyze_run(stats, observed, probe_rows=probe_rows)
     obs_stats = {n: s.subset(observed) for n, s in stats.items()}
-    diag = diagnose(obs_stats)
-    rows = backtest(obs_stats)
-    label = choose(rows, 2.0) if rows else None
-    safe = safe_horizon(rows, label) if rows else None
-    later = [int(s) for s in next(iter(stats.values())).steps if s > observed[-1]]
-    align = alignment(Relex(), stats, observed, later) if later else []
+    diag, rows, align = analysis["diagnostics"], analysis["backtest"], analysis["alignment"]
+    label, safe = analysis["chosen"], analysis["safe_horizon"]
 
     moving = [s for s in obs_stats.values() if s.delta_norms[-1] > 0]
     spectra = [np.cumsum(s.spectrum()[0]) / s.spectrum()[0].sum() for s in moving]
@@ -115,7 +111,7 @@ def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Pat
         figures.append(("Accuracy by step", "accuracy.png"))
 
     lines = ["# relex report", "", f"Observed steps: {observed[0]}..{observed[-1]} ({len(observed)} checkpoints); "
-             f"{len(stats)} tensors.", "", f"**Verdict.** {verdict(diag, safe)}", "",
+             f"{len(stats)} tensors.", "", f"**Verdict.** {analysis['verdict']}", "",
              "## Diagnostics against a random walk", "", "| diagnostic | this run | random walk |", "|---|---:|---:|"]
     for key, value in diag["median"].items():
         null = diag["random_walk"][key]
@@ -124,11 +120,21 @@ def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Pat
     lines += ["", "Rank-k explained variance (median cumulative): "
               + ", ".join(f"k={k + 1}: {v:.4f}" for k, v in enumerate(cumulative)), ""]
     if rows:
-        lines += ["## Backtest", "", f"Best setting at 2x: **{label}**, safe horizon {safe:g}x.", "",
+        lines += ["## Backtest", "", f"Setting supported furthest: **{label}**, safe horizon {safe:g}x "
+                  f"({analysis['space']} space).", "",
                   "| setting | horizon | relative error | error / stopping | cosine | norm ratio |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['setting']} | {r['horizon']:g} | {r['relative_error']:.4f} | {r['error_vs_stay']:.3f} | "
                   f"{r['cosine']:.4f} | {r['norm_ratio']:.3f} |" for r in rows]
+        lines.append("")
+    if probe_rows:
+        lines += ["## Function-space backtest (probe)", "", "Mean token KL(real || predicted) of the last observed "
+                  "checkpoint on the probe prompts, teacher-forced on the real model's greedy continuations; safe: "
+                  "below stopping's by more than the margin.", "",
+                  "| setting | horizon | KL | KL / stopping | agreement | agreement of stopping | safe |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['setting']} | {r['horizon']:g} | {r['kl']:.4f} | {r['kl_vs_stay']:.3f} | {r['agreement']:.3f} | "
+                  f"{r['agreement_stop']:.3f} | {'yes' if r['safe'] else 'no'} |" for r in probe_rows]
         lines.append("")
     if align:
         lines += ["## RELEX against real later checkpoints", "", "| step | mean cosine | mean norm ratio | "
@@ -138,8 +144,5 @@ def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Pat
         lines.append("")
     lines += ["## Figures", ""] + [f"### {title}\n\n![{title}]({file})\n" for title, file in figures]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    write_json(out_dir / "report.json",
-               {"observed_steps": observed, "verdict": verdict(diag, safe),
-                "diagnostics": {k: v for k, v in diag.items() if k != "per_tensor"},
-                "explained_variance_cumulative": cumulative, "backtest": rows, "safe_horizon": safe, "chosen": label,
-                "alignment": align, "coefficients": curves})
+    write_json(out_dir / "report.json", {**analysis, "explained_variance_cumulative": cumulative,
+                                         "coefficients": curves})
