@@ -2,8 +2,8 @@
 
 A block of rows r0:r1 becomes a T x n float64 matrix of deltas W_t - W_0. Upcasting bf16, fp16 or
 fp32 to float64 is exact and so is the subtraction: the deltas are the stored values' exact
-differences, and the Gram matrix and weighted sums are reduced in float64. A LoRA checkpoint gives
-its delta B @ A * scale directly (``AdapterReader.read_delta``), never through a rounded W_0 + delta.
+differences, and the Gram matrix and weighted sums are reduced in float64. Every reader gives its
+delta (``read_delta``): a LoRA checkpoint's is B @ A * scale, never a rounded W_0 + delta minus W_0.
 The stack lives in a reused buffer (no per-tensor allocation), so memory stays at the budget whatever
 the model size.
 """
@@ -16,8 +16,7 @@ import torch
 from relex.errors import RelexError
 from relex.materialize.rounding import cast_into
 from relex.stats.gram import TensorStats, gram_of
-from relex.trajectory import TensorSpec, Trajectory
-from relex.trajectory.peft import AdapterReader
+from relex.trajectory import TensorDeltas, TensorSpec, Trajectory
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
 
@@ -66,11 +65,7 @@ class DeltaStream:
         base.copy_(block)
         stack = self.buffer("stack", (len(self.readers), block.numel()))
         for i, reader in enumerate(self.readers):
-            if isinstance(reader, AdapterReader):  # a LoRA checkpoint: its delta comes straight from B @ A
-                stack[i].copy_(reader.read_delta(name, r0, r1).reshape(-1))
-                continue
-            stack[i].copy_(reader.read(name, r0, r1, raw).reshape(-1))
-            stack[i].sub_(base)
+            reader.read_delta(name, r0, r1, base=base, out=stack[i], buffer=raw)
         return stack, base
 
     def stats(self, name: str, spec: TensorSpec, stack: torch.Tensor | None = None) -> TensorStats:
@@ -93,9 +88,11 @@ class DeltaStream:
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
-    def deltas(self, name: str) -> "TensorDeltas":
+    def deltas(self, name: str) -> TensorDeltas:
         """One tensor's deltas, one checkpoint at a time (for methods that are not weighted sums)."""
-        return TensorDeltas(self, name)
+        spec = self.base.specs[name]
+        raw = self.buffer("raw", (spec.numel * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
+        return self.trajectory.deltas(name, self.device, raw)
 
     def weighted_sums(self, stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         """W_0 + sum_t weights[j, t] Delta_t for every row j of ``weights``, in float64."""
@@ -109,28 +106,3 @@ class DeltaStream:
         out = self.buffer(f"out-{dtype}", (values.numel(),), dtype)
         return cast_into(out, values.reshape(-1)).view(shape)
 
-
-class TensorDeltas:
-    """The deltas of one tensor, read one checkpoint at a time: ``deltas[t]`` is checkpoint t's whole
-    W_t - W_0 as a new float64 tensor of the tensor's shape, ``len(deltas)`` the number of checkpoints.
-
-    Methods that are not weighted sums (AlphaRL, NExt) work checkpoint by checkpoint, so their memory is a
-    few copies of the largest tensor, whatever the number of checkpoints (a stacked tensor serves too).
-    """
-
-    def __init__(self, stream: DeltaStream, name: str) -> None:
-        self.stream, self.name = stream, name
-        self.spec = stream.base.specs[name]
-        self.base = stream.base.read(name).to(device=stream.device, dtype=torch.float64).reshape(self.spec.shape)
-
-    def __len__(self) -> int:
-        return len(self.stream.readers)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        reader = self.stream.readers[index]
-        if isinstance(reader, AdapterReader):
-            return reader.read_delta(self.name).to(device=self.stream.device, dtype=torch.float64)
-        raw = self.stream.buffer("raw", (self.spec.numel * self.spec.dtype.itemsize,), torch.uint8,
-                                 torch.device("cpu"))
-        value = reader.read(self.name, 0, self.spec.rows, raw).reshape(self.spec.shape)
-        return value.to(device=self.stream.device, dtype=torch.float64) - self.base

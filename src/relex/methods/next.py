@@ -194,8 +194,6 @@ class NExt(DirectMethod):
     # -- learning ---------------------------------------------------------------------------------
     def fit(self, trajectory: Trajectory, progress: bool = True) -> "NExt":
         """Read every trained tensor's deltas once, collect its factors, train one predictor per group."""
-        from relex.materialize.stream import DeltaStream
-
         super().fit(trajectory, progress)
         steps = self.trajectory_.steps
         self.horizon_ = self.horizon or default_horizon(steps)
@@ -204,11 +202,10 @@ class NExt(DirectMethod):
             raise RelexError(f"next --next-horizon {self.horizon_}: no two observed steps are {self.horizon_} apart "
                              f"(observed {steps})")
         positions = [s / steps[-1] for s in steps]  # the step input: t / c
-        stream = DeltaStream(self.trajectory_, memory_budget=0)
         groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
         names = [n for n, s in self.specs_.items() if s.dtype.is_floating_point and s.numel > 1]
         for name in tqdm(names, desc="next: factors", disable=not progress, leave=False):
-            deltas = stream.deltas(name)
+            deltas = self.trajectory_.deltas(name)
             if len(self.specs_[name].shape) == 1:
                 self._collect_vector(groups, name, torch.stack([deltas[t] for t in range(len(steps))]), pairs,
                                      positions)

@@ -9,8 +9,8 @@ is W_0 + Delta with Delta = B @ A * scale, scale = lora_alpha / r (lora_alpha / 
 Every other tensor of the base has a zero delta.
 
 ``AdapterReader`` has CheckpointReader's interface (``specs``, ``files``, ``read``, ``file_of``,
-``fingerprint``, ``close``), so a trajectory mixes nothing else; its specs are the base's (the dtype
-a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
+``fingerprint``, ``close``, ``read_delta``), so a trajectory mixes nothing else; its specs are the base's
+(the dtype a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
 adapter's factors: the streaming engine takes that, never ``(W_0 + Delta) - W_0`` rounded in between.
 """
 
@@ -173,19 +173,27 @@ class AdapterReader:
         adapted = name in self._loras or name in self._biases or name in self._full
         return self.files[0] if adapted else self.base.file_of(name)
 
-    def read_delta(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` of W - W_0 for tensor ``name``, float64 (zeros where nothing was adapted)."""
+    def read_delta(self, name: str, start: int = 0, stop: int | None = None, *, base: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of W - W_0 for tensor ``name``, float64 (zeros where nothing was adapted).
+
+        As ``CheckpointReader.read_delta``, but from the adapter's factors: ``base`` (W_0's rows, as the caller
+        has them) only gives the result's shape and device; written into ``out`` when given; ``buffer`` unused.
+        """
         spec = self.specs[name]
         stop = spec.rows if stop is None else min(stop, spec.rows)
         shape = spec.shape and (stop - start,) + spec.shape[1:]
-        lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
-        if lora is None and bias is None and full is None:
-            return torch.zeros(shape, dtype=torch.float64)
-        try:
-            return self._delta(name, start, stop, shape)
-        except (SafetensorError, OSError) as exc:
-            raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
-                             "removed or rewritten during the run?)") from None
+        if name in self._loras or name in self._biases or name in self._full:
+            try:
+                delta = self._delta(name, start, stop, shape)
+            except (SafetensorError, OSError) as exc:
+                raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
+                                 "removed or rewritten during the run?)") from None
+        else:
+            delta = torch.zeros(shape, dtype=torch.float64)
+        if base is not None:
+            delta = delta.reshape(base.shape).to(base.device)
+        return delta if out is None else out.copy_(delta.reshape(out.shape))
 
     def _delta(self, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
         """``read_delta``'s arithmetic, from the adapter file opened once."""

@@ -193,6 +193,17 @@ class CheckpointReader:
         shape = spec.shape and (stop - start,) + spec.shape[1:]
         return raw.view(spec.dtype).reshape(shape)
 
+    def read_delta(self, name: str, start: int = 0, stop: int | None = None, *, base: torch.Tensor,
+                   out: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of W - W_0 in float64, given W_0's rows as ``base`` (float64; the result has its
+        shape and device). The upcast and the subtraction are exact. Written into ``out`` when given, so a
+        caller's stack needs no temporary; ``buffer`` as in ``read``.
+        """
+        value = self.read(name, start, stop, buffer).reshape(base.shape)
+        if out is None:
+            return value.to(device=base.device, dtype=torch.float64) - base
+        return out.copy_(value).sub_(base)
+
     def close(self) -> None:
         """Nothing held open: each read opens its file briefly."""
 

@@ -7,7 +7,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from relex.errors import RelexError
+from relex.trajectory.deltas import TensorDeltas
 from relex.trajectory.discover import Checkpoint, check_steps, discover_checkpoints, parse_checkpoint_args
 from relex.trajectory.peft import AdapterReader, is_adapter_folder
 from relex.trajectory.reader import CheckpointReader, TensorSpec
@@ -73,6 +76,12 @@ class Trajectory:
             else:
                 self._readers[folder] = CheckpointReader(folder, self.allow_pickle)
         return self._readers[folder]
+
+    def deltas(self, name: str, device: str | torch.device = "cpu",
+               buffer: torch.Tensor | None = None) -> TensorDeltas:
+        """One tensor's deltas over the checkpoints, read one checkpoint at a time (``buffer``: see TensorDeltas)."""
+        return TensorDeltas(self.reader(self.base), [self.reader(c.path) for c in self.checkpoints], name, device,
+                            buffer)
 
     def base_config(self) -> dict:
         path = self.base / "config.json"
