@@ -30,7 +30,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def measure_run(out: Path, profile, seed: int) -> list[dict]:
-    from relex import Relex, Trajectory, compute_stats
+    from relex import Relex, Trajectory, compute_stats, extrapolate
     from relex.analysis import alignment
     from relex.analysis.auto import auto_method
     from relex.analysis.backtest import backtest, scoring_horizon
@@ -53,12 +53,12 @@ def measure_run(out: Path, profile, seed: int) -> list[dict]:
             h = scoring_horizon(bt, ratio)
             predicted = next(r for r in bt if r["setting"] == "relex linear" and r["horizon"] == h)
             real = alignment(Relex(), full, observed, [target])[0]
-            [relex_dir] = Relex(cutoff=cutoff).fit(traj).save(scratch / f"relex-c{cutoff}", [target], overwrite=True,
-                                                              cache=out / ".relex-cache", progress=False)
+            [relex_dir] = extrapolate(Relex(cutoff=cutoff).fit(traj), scratch / f"relex-c{cutoff}", [target],
+                                      overwrite=True, cache=out / ".relex-cache", progress=False)
             try:
                 method, written, record = auto_method(window, [target], cutoff, clip=True)
-                [auto_dir] = method.fit(traj).save(scratch / f"auto-c{cutoff}-t{target}", written, overwrite=True,
-                                                   cache=out / ".relex-cache", progress=False)
+                [auto_dir] = extrapolate(method.fit(traj), scratch / f"auto-c{cutoff}-t{target}", written,
+                                         overwrite=True, cache=out / ".relex-cache", progress=False)
                 auto = {"chosen": record["chosen"], "safe_horizon": record["safe_horizon"], "step": written[0]}
             except RelexError as exc:
                 auto_dir, auto = None, {"chosen": "refused", "reason": str(exc)}

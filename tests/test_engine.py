@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import STEPS, drift_run, max_relative_error, numpy_relex, predicted_deltas, save_pico_model
-from relex import ExPO, Reconstruct, Relex, Trajectory, TwoPoint, compute_stats
+from relex import ExPO, Reconstruct, Relex, Trajectory, TwoPoint, compute_stats, extrapolate
 from relex.trajectory import CheckpointReader
 
 
@@ -20,7 +20,7 @@ def test_relex_matches_numpy_reference_in_every_layout(tmp_path, layout):
     ckpts = drift_run(base, tmp_path / "run", layout=layout)
     traj = Trajectory.discover(base, tmp_path / "run")
     assert traj.steps == STEPS
-    [folder] = Relex(rank=1, cutoff=13).fit(traj).save(tmp_path / "out", [40], cache=False, progress=False)
+    [folder] = extrapolate(Relex(rank=1, cutoff=13).fit(traj), tmp_path / "out", [40], cache=False, progress=False)
     ref = numpy_relex(load_file(str(base / "model.safetensors")), ckpts, [2, 3, 5, 8, 13], 40)
     assert max_relative_error(predicted_deltas(folder, base), ref) <= 1e-6
 
@@ -29,10 +29,11 @@ def test_rank2_and_bf16_input_match_reference(tmp_path):
     base = save_pico_model(tmp_path / "base", dtype=torch.bfloat16)
     ckpts = drift_run(base, tmp_path / "run", noise=0.05)
     traj = Trajectory.discover(base, tmp_path / "run")
-    [folder] = Relex(rank=2).fit(traj).save(tmp_path / "out", [100], dtype="float32", cache=False, progress=False)
+    [folder] = extrapolate(Relex(rank=2).fit(traj), tmp_path / "out", [100], dtype="float32", cache=False,
+                           progress=False)
     ref = numpy_relex(load_file(str(base / "model.safetensors")), ckpts, STEPS, 100, rank=2)
     assert max_relative_error(predicted_deltas(folder, base), ref) <= 1e-6
-    [kept] = Relex().fit(traj).save(tmp_path / "kept", [100], cache=False, progress=False)
+    [kept] = extrapolate(Relex().fit(traj), tmp_path / "kept", [100], cache=False, progress=False)
     assert CheckpointReader(kept).read("model.embed_tokens.weight").dtype == torch.bfloat16
     assert json.loads((kept / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -41,8 +42,8 @@ def test_output_folder_loads_in_transformers(pico, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, run, _ = pico
-    [folder] = Relex(cutoff=8).fit(Trajectory.discover(base, run)).save(tmp_path / "out", [30], progress=False,
-                                                                          cache=False)
+    [folder] = extrapolate(Relex(cutoff=8).fit(Trajectory.discover(base, run)), tmp_path / "out", [30], progress=False,
+                           cache=False)
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors", "relex.json"} <= names
     assert (folder / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
@@ -59,8 +60,8 @@ def test_sharded_output_equals_unsharded_and_loads(pico, tmp_path):
 
     base, run, _ = pico
     model = Relex(cutoff=13).fit(Trajectory.discover(base, run))
-    [one] = model.save(tmp_path / "one", [50], progress=False, cache=False)
-    [many] = model.save(tmp_path / "many", [50], max_shard_size="4KB", progress=False, cache=False)
+    [one] = extrapolate(model, tmp_path / "one", [50], progress=False, cache=False)
+    [many] = extrapolate(model, tmp_path / "many", [50], max_shard_size="4KB", progress=False, cache=False)
     index = json.loads((many / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in many.glob("*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
@@ -75,8 +76,8 @@ def test_streaming_with_tiny_budget_equals_in_memory(pico, tmp_path):
     base, run, _ = pico
     traj = Trajectory.discover(base, run)
     model = Relex(rank=2, cutoff=13).fit(traj)
-    big, _ = model.save(tmp_path / "big", [40, 80], progress=False, cache=False)
-    [small] = model.save(tmp_path / "small", [40], memory_budget="1KB", progress=False, cache=False)
+    big, _ = extrapolate(model, tmp_path / "big", [40, 80], progress=False, cache=False)
+    [small] = extrapolate(model, tmp_path / "small", [40], memory_budget="1KB", progress=False, cache=False)
     a, b = CheckpointReader(big), CheckpointReader(small)
     for name in a.specs:
         torch.testing.assert_close(a.read(name), b.read(name), rtol=1e-6, atol=1e-7)
@@ -92,8 +93,8 @@ def test_tied_embeddings_stay_tied(tmp_path):
     extra = tmp_path / "run" / "checkpoint-21" / "model.safetensors"
     tensors = load_file(str(extra))
     save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, str(extra))
-    [folder] = Relex().fit(Trajectory.discover(base, tmp_path / "run")).save(tmp_path / "out", [30],
-                                                                              progress=False, cache=False)
+    [folder] = extrapolate(Relex().fit(Trajectory.discover(base, tmp_path / "run")), tmp_path / "out", [30],
+                           progress=False, cache=False)
     assert "lm_head.weight" not in CheckpointReader(folder).specs
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -110,7 +111,7 @@ def test_exactly_linear_trajectory_is_hit_by_linear_methods(tmp_path):
     for method in (Relex(cutoff=8), TwoPoint(cutoff=8), TwoPoint(cutoff=8, anchor=3),
                    ExPO(alpha=(100 - 8) / 8, cutoff=8)):
         out = tmp_path / f"{method.name}-{method.params().get('anchor', 0)}"
-        [folder] = method.fit(traj).save(out, [100], progress=False, cache=False)
+        [folder] = extrapolate(method.fit(traj), out, [100], progress=False, cache=False)
         pred = predicted_deltas(folder, base)
         ref = {n: (truth[n].double() - w0[n].double()).numpy() for n in w0}
         assert max_relative_error(pred, ref) <= 1e-5, method.name
@@ -123,14 +124,15 @@ def test_frozen_tensor_keeps_base_bytes(pico, tmp_path):
     for folder in run.iterdir():
         tensors = load_file(str(folder / "model.safetensors"))
         save_file({**tensors, frozen: w0[frozen]}, str(folder / "model.safetensors"))
-    [out] = Relex().fit(Trajectory.discover(base, run)).save(tmp_path / "out", [99], progress=False, cache=False)
+    [out] = extrapolate(Relex().fit(Trajectory.discover(base, run)), tmp_path / "out", [99], progress=False,
+                        cache=False)
     assert torch.equal(CheckpointReader(out).read(frozen), w0[frozen])
 
 
 def test_reconstruct_writes_observed_steps(pico, tmp_path):
     base, run, ckpts = pico
-    folders = Reconstruct(rank=6).fit(Trajectory.discover(base, run)).save(tmp_path / "rec", STEPS, progress=False,
-                                                                            cache=False)
+    folders = extrapolate(Reconstruct(rank=6).fit(Trajectory.discover(base, run)), tmp_path / "rec", STEPS,
+                          progress=False, cache=False)
     for step, folder in zip(STEPS, folders):
         reader = CheckpointReader(folder)
         for name, tensor in ckpts[step].items():
@@ -172,7 +174,7 @@ def test_checkpoints_given_in_any_order_give_the_same_result(pico, tmp_path):
     pairs = [f"{s}={run / f'checkpoint-{s}'}" for s in STEPS]
     a = Relex(cutoff=13).fit(Trajectory.discover(base, checkpoints=pairs))
     b = Relex(cutoff=13).fit(Trajectory.discover(base, checkpoints=pairs[::-1]))
-    [fa] = a.save(tmp_path / "a", [60], progress=False, cache=False)
-    [fb] = b.save(tmp_path / "b", [60], progress=False, cache=False)
+    [fa] = extrapolate(a, tmp_path / "a", [60], progress=False, cache=False)
+    [fb] = extrapolate(b, tmp_path / "b", [60], progress=False, cache=False)
     ra, rb = CheckpointReader(fa), CheckpointReader(fb)
     assert all(torch.equal(ra.read(n), rb.read(n)) for n in ra.specs)

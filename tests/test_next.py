@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rank1_run, save_pico_model
-from relex import NExt, RelexError, Trajectory
+from relex import NExt, RelexError, Trajectory, extrapolate
 from relex.cli import main
 from relex.methods.next import default_horizon, rank1
 from relex.trajectory import CheckpointReader
@@ -51,7 +51,7 @@ def test_linear_rank1_trajectory_is_learned(linear_run, tmp_path, step_input) ->
     base, run, w0, directions, f = linear_run
     method = NExt(step_input=step_input, epochs=400).fit(Trajectory.discover(base, run), progress=False)
     assert method.horizon_ == 4 and method.params()["horizon"] == 4
-    [folder] = method.save(tmp_path / "out", [40], progress=False, cache=False)
+    [folder] = extrapolate(method, tmp_path / "out", [40], progress=False, cache=False)
     out = CheckpointReader(folder)
     for name, t in w0.items():
         truth = f(40) * directions[name]
@@ -69,7 +69,7 @@ def test_same_seed_same_weights_and_target_at_cutoff_is_the_cutoff(linear_run, t
     for name, factors in a.predicted_.items():
         for role, row in factors.items():
             assert torch.equal(row, b.predicted_[name][role])
-    [at_cut] = a.save(tmp_path / "cut", [8], progress=False, cache=False)
+    [at_cut] = extrapolate(a, tmp_path / "cut", [8], progress=False, cache=False)
     real = load_file(str(run / "checkpoint-8" / "model.safetensors"))
     out = CheckpointReader(at_cut)
     for name, tensor in real.items():
@@ -89,7 +89,7 @@ def test_untouched_tensors_keep_their_value(tmp_path) -> None:
         save_file(tensors, str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
     method = NExt(epochs=20).fit(Trajectory.discover(base, tmp_path / "run"), progress=False)
     assert frozen not in method.predicted_
-    [folder] = method.save(tmp_path / "out", [9], progress=False, cache=False)
+    [folder] = extrapolate(method, tmp_path / "out", [9], progress=False, cache=False)
     assert torch.equal(CheckpointReader(folder).read(frozen), w0[frozen])
 
 
@@ -102,7 +102,7 @@ def test_bad_next_input_is_refused(linear_run, tmp_path, capsys) -> None:
         NExt(horizon=0)
     method = NExt(cutoff=8, epochs=5).fit(traj, progress=False)
     with pytest.raises(RelexError, match="before it"):
-        method.save(tmp_path / "out", [5], progress=False, cache=False)
+        extrapolate(method, tmp_path / "out", [5], progress=False, cache=False)
     code = main(["extrapolate", "--base", str(base), "--run", str(run), "--method", "next", "--next-horizon", "99",
                  "--target", "30", "--out", str(tmp_path / "cli"), "--no-cache", "-q"])
     assert code == 2 and "no two observed steps are 99 apart" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import STEPS, predicted_deltas, rank1_run, relative_error, save_pico_model
-from relex import METHODS, AlphaRL, ExPO, NExt, Relex, RelexError, Trajectory, TwoPoint, compute_stats
+from relex import METHODS, AlphaRL, ExPO, NExt, Relex, RelexError, Trajectory, TwoPoint, compute_stats, extrapolate
 from relex.analysis import alignment
 from relex.cli import main
 from relex.methods.alpharl import align_signs, load_scores, top_singular_triplet
@@ -23,8 +23,8 @@ from relex.trajectory import CheckpointReader
 def test_expo_is_cutoff_plus_alpha_times_its_delta(pico, tmp_path):
     base, run, ckpts = pico
     w0 = load_file(str(base / "model.safetensors"))
-    [folder] = ExPO(alpha=0.5, cutoff=13).fit(Trajectory.discover(base, run)).save(
-        tmp_path / "out", [99], dtype="float32", progress=False, cache=False)
+    [folder] = extrapolate(ExPO(alpha=0.5, cutoff=13).fit(Trajectory.discover(base, run)), tmp_path / "out", [99],
+                           dtype="float32", progress=False, cache=False)
     reader = CheckpointReader(folder)
     for name, cut in ckpts[13].items():
         expected = cut.double() + 0.5 * (cut.double() - w0[name].double())
@@ -39,12 +39,12 @@ def test_expo_weights_and_target_rules(pico, tmp_path):
     base, run, _ = pico
     method = ExPO(cutoff=13).fit(Trajectory.discover(base, run))
     with pytest.raises(RelexError, match="identical copies"):
-        method.save(tmp_path / "two", [20, 30], progress=False, cache=False)
+        extrapolate(method, tmp_path / "two", [20, 30], progress=False, cache=False)
     with pytest.raises(RelexError, match="finite"):
         ExPO(alpha=float("nan"))
     # ExPO needs only the cutoff checkpoint (a line needs two; ExPO does not)
-    [folder] = ExPO(alpha=0.3, cutoff=2).fit(Trajectory.discover(base, run)).save(
-        tmp_path / "one", [3], progress=False, cache=False)
+    [folder] = extrapolate(ExPO(alpha=0.3, cutoff=2).fit(Trajectory.discover(base, run)), tmp_path / "one", [3],
+                           progress=False, cache=False)
     assert json.loads((folder / "relex.json").read_text())["observed_steps"] == [2]
 
 
@@ -65,9 +65,9 @@ def test_two_point_norm_rule_on_weights():
 def test_two_point_copies_norms_from_the_cutoff(pico, tmp_path):
     base, run, ckpts = pico
     traj = Trajectory.discover(base, run)
-    [plain] = TwoPoint(cutoff=8).fit(traj).save(tmp_path / "plain", [40], progress=False, cache=False)
-    [normed] = TwoPoint(cutoff=8, norms_from_cutoff=True).fit(traj).save(tmp_path / "normed", [40],
-                                                                         progress=False, cache=False)
+    [plain] = extrapolate(TwoPoint(cutoff=8).fit(traj), tmp_path / "plain", [40], progress=False, cache=False)
+    [normed] = extrapolate(TwoPoint(cutoff=8, norms_from_cutoff=True).fit(traj), tmp_path / "normed", [40],
+                           progress=False, cache=False)
     a, b = CheckpointReader(plain), CheckpointReader(normed)
     norms = [n for n, s in b.specs.items() if "norm" in n and len(s.shape) == 1]
     assert len(norms) == 5  # two per layer and the final norm
@@ -185,7 +185,7 @@ def test_alpharl_hits_a_rank1_linear_trajectory(tmp_path, mode):
     w0, directions, saved, f = rank1_run(base, tmp_path / "run")
     scores = {s: 0.2 + 0.01 * s for s in [*STEPS, 60]} if mode == "accuracy" else None
     method = AlphaRL(cutoff=13, target=mode, scores=scores).fit(Trajectory.discover(base, tmp_path / "run"))
-    [folder] = method.save(tmp_path / "out", [60], progress=False, cache=False)
+    [folder] = extrapolate(method, tmp_path / "out", [60], progress=False, cache=False)
     pred = predicted_deltas(folder, base)
     in_scope = [n for n, t in w0.items() if t.dim() == 2 and 18 not in t.shape]
     assert len(in_scope) == 14  # 7 matrices per layer; embeddings and head (vocab 18) are out of scope
@@ -205,10 +205,10 @@ def test_alpharl_accuracy_mode_needs_scores_for_every_step(pico, tmp_path):
         AlphaRL(target="accuracy")
     method = AlphaRL(cutoff=8, target="accuracy", scores={2: 0.1, 3: 0.2, 5: 0.3, 8: 0.4}).fit(traj)
     with pytest.raises(RelexError, match="no accuracy for step 40"):
-        method.save(tmp_path / "out", [40], progress=False, cache=False)
+        extrapolate(method, tmp_path / "out", [40], progress=False, cache=False)
     flat = AlphaRL(cutoff=8, target="accuracy", scores={2: 0.1, 3: 0.1, 5: 0.1, 8: 0.1, 40: 0.5}).fit(traj)
     with pytest.raises(RelexError, match="all equal"):
-        flat.save(tmp_path / "out", [40], progress=False, cache=False)
+        extrapolate(flat, tmp_path / "out", [40], progress=False, cache=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -227,8 +227,8 @@ def test_outputs_load_in_transformers_with_finite_logits(pico, tmp_path, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, run, _ = pico
-    [folder] = PEER_METHODS[name]().fit(Trajectory.discover(base, run)).save(tmp_path / "out", [30],
-                                                                             progress=False, cache=False)
+    [folder] = extrapolate(PEER_METHODS[name]().fit(Trajectory.discover(base, run)), tmp_path / "out", [30],
+                           progress=False, cache=False)
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = AutoTokenizer.from_pretrained(folder)("12+3=", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
@@ -298,8 +298,8 @@ def test_direct_methods_under_a_tiny_budget_read_checkpoint_by_checkpoint_with_e
     """Whole stacks when a tensor fits the budget, one checkpoint at a time when not: the same weights."""
     base, run, _ = pico
     method = PEER_METHODS[name]().fit(Trajectory.discover(base, run), progress=False)
-    [whole] = method.save(tmp_path / "whole", [30], progress=False, cache=False)
-    [one_by_one] = method.save(tmp_path / "one", [30], memory_budget="1KB", progress=False, cache=False)
+    [whole] = extrapolate(method, tmp_path / "whole", [30], progress=False, cache=False)
+    [one_by_one] = extrapolate(method, tmp_path / "one", [30], memory_budget="1KB", progress=False, cache=False)
     a, b = CheckpointReader(whole), CheckpointReader(one_by_one)
     for tensor in a.specs:
         assert torch.equal(a.read(tensor), b.read(tensor)), tensor

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import save_pico_model
-from relex import NExt, Relex, RelexError, Trajectory, TwoPoint
+from relex import NExt, Relex, RelexError, Trajectory, TwoPoint, extrapolate
 from relex.trajectory import AdapterReader, CheckpointReader
 from relex.trajectory.peft import is_adapter_folder, pattern_key
 
@@ -130,12 +130,13 @@ def test_engine_on_a_lora_run_writes_full_merged_models(tmp_path):
     traj = Trajectory.discover(base, run)
     assert [type(traj.reader(c.path)) for c in traj.checkpoints] == [AdapterReader] * 3
     # two-point at the cutoff itself is W_0 + Delta_cut: PEFT's merged model of that checkpoint
-    [folder] = TwoPoint(cutoff=7).fit(traj).save(tmp_path / "tp", [7], progress=False, cache=False)
+    [folder] = extrapolate(TwoPoint(cutoff=7).fit(traj), tmp_path / "tp", [7], progress=False, cache=False)
     out = CheckpointReader(folder)
     assert set(out.specs) == set(merged[7])
     for name, tensor in merged[7].items():
         torch.testing.assert_close(out.read(name), tensor, rtol=1e-6, atol=1e-7)
-    [folder] = Relex(cutoff=7).fit(traj).save(tmp_path / "relex", [20], progress=False, cache=tmp_path / "cache")
+    [folder] = extrapolate(Relex(cutoff=7).fit(traj), tmp_path / "relex", [20], progress=False,
+                           cache=tmp_path / "cache")
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     frozen = "model.layers.0.self_attn.k_proj.weight"
@@ -150,7 +151,7 @@ def test_next_on_a_lora_run_learns_only_the_adapted_tensors(tmp_path):
     method = NExt(epochs=30).fit(Trajectory.discover(base, run), progress=False)
     moved = {n for n, t in merged[7].items() if not torch.equal(t, load_file(str(base / "model.safetensors"))[n])}
     assert set(method.predicted_) == moved
-    [folder] = method.save(tmp_path / "out", [12], progress=False, cache=False)
+    [folder] = extrapolate(method, tmp_path / "out", [12], progress=False, cache=False)
     frozen = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(CheckpointReader(folder).read(frozen), load_file(str(base / "model.safetensors"))[frozen])
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import STEPS, drift_run, predicted_deltas, rank1_run
-from relex import Relex, RelexError, Trajectory
+from relex import Relex, RelexError, Trajectory, materialize
 from relex.cli import main
 from relex.materialize.rounding import round_once
 from relex.trajectory import CheckpointReader
@@ -282,7 +282,7 @@ def test_d10_checkpoint_removed_during_the_run(pico, tmp_path):
     model = Relex(cutoff=21).fit(Trajectory.discover(base, run))
     (run / "checkpoint-13" / "model.safetensors").unlink()  # TRL's save_total_limit rotation
     with pytest.raises(RelexError, match=r"checkpoint-13/model.safetensors: cannot read tensor '.+' \(No such file"):
-        model.save(tmp_path / "out", [30], cache=False, progress=False)
+        materialize.extrapolate(model, tmp_path / "out", [30], cache=False, progress=False)
     assert not (tmp_path / "out").exists() and not hidden(tmp_path)
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import drift_run, save_pico_model
-from relex import Relex, Trajectory
+from relex import Relex, Trajectory, extrapolate
 from relex.analysis.auto import auto_method
 from relex.analysis.backtest import backtest, choose, default_settings, safe_horizon
 from relex.analysis.diagnostics import diagnose, verdict
@@ -99,7 +99,7 @@ def test_anchored_relex_on_files_equals_relex_on_deltas_from_the_anchor(tmp_path
     base = save_pico_model(tmp_path / "base")
     ckpts = drift_run(base, tmp_path / "run", steps=[1, 2, 4, 6, 9, 12], noise=0.05)
     traj = Trajectory.discover(base, tmp_path / "run")
-    [folder] = Relex(anchor=4).fit(traj).save(tmp_path / "out", [30], cache=False, progress=False)
+    [folder] = extrapolate(Relex(anchor=4).fit(traj), tmp_path / "out", [30], cache=False, progress=False)
     from relex.trajectory import CheckpointReader
 
     reader = CheckpointReader(folder)

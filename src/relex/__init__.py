@@ -1,7 +1,7 @@
 """relex: extrapolate RLVR runs from a short prefix of checkpoints, exactly and in bounded memory.
 
     traj = Trajectory.discover("base/", "run/")
-    Relex(rank=1, cutoff=75).fit(traj).save("out/", targets=[500])
+    extrapolate(Relex(rank=1, cutoff=75).fit(traj), "out/", targets=[500])
 """
 
 __version__ = "0.1.0"

@@ -163,6 +163,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> int:
+    from relex.materialize import extrapolate
     from relex.methods import METHODS
 
     run_info = {"run": str(args.run.resolve()) if args.run else None}
@@ -190,7 +191,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         method = METHODS[name].from_args(args).fit(_trajectory(args), progress=not args.quiet)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
-    folders = method.save(args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+    folders = extrapolate(method, args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                           dtype=args.dtype, **_engine_options(args), run_info=run_info, **options)
     if not args.quiet:
         for folder in folders:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from relex.analysis.backtest import default_settings
 from relex.analysis.scoring import run_evaluator
+from relex.materialize import extrapolate
 from relex.trajectory import Trajectory
 
 
@@ -30,8 +31,8 @@ def score_backtest(trajectory: Trajectory, rows: list[dict], labels: list[str], 
             prefix = [s for s in trajectory.steps if s <= row["prefix_end"]]
             method = settings[row["setting"]].build(prefix)
             method.cutoff = row["prefix_end"]
-            [folder] = method.fit(trajectory).save(scratch / "model", [final.step], overwrite=True, cache=cache,
-                                                   progress=progress)
+            [folder] = extrapolate(method.fit(trajectory), scratch / "model", [final.step], overwrite=True, cache=cache,
+                                   progress=progress)
             row["accuracy"] = run_evaluator(command, folder)
             row["accuracy_real"] = real
     finally:

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from relex import Relex, Trajectory, TwoPoint
+from relex import Relex, Trajectory, TwoPoint, materialize
 from relex.errors import RelexError
 from relex.lab import report
 from relex.lab.profiles import LoraSettings, Profile
@@ -88,8 +88,8 @@ def extrapolate(base_dir: Path, run_dir: Path, out_root: Path, cutoffs: list[int
     outputs: dict[tuple[str, int], dict[int, Path]] = {}
     for cutoff in cutoffs:
         for method in (Relex(rank=1, cutoff=cutoff), TwoPoint(cutoff=cutoff)):
-            folders = method.fit(traj).save(out_root / f"{method.name}-cut{cutoff}", targets=targets,
-                                            overwrite=True, cache=False, progress=not quiet)
+            folders = materialize.extrapolate(method.fit(traj), out_root / f"{method.name}-cut{cutoff}",
+                                              targets=targets, overwrite=True, cache=False, progress=not quiet)
             outputs[(method.name, cutoff)] = dict(zip(sorted(targets), folders, strict=True))
     return outputs
 

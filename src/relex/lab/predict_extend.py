@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from relex.errors import RelexError
 from relex.jsonout import write_json
+from relex.materialize import extrapolate
 from relex.methods import METHODS
 from relex.methods.base import Method
 
@@ -143,7 +144,8 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
                     point_adapters_at(run, out / base.relative_to(tmp))
             observed = Trajectory.discover(base, run).observed(window)
             fitted = build_method(method, window).fit(observed, progress=not quiet)
-            (model,) = fitted.save(round_dir / "extrapolated", targets=[target], cache=False, progress=not quiet)
+            (model,) = extrapolate(fitted, round_dir / "extrapolated", targets=[target], cache=False,
+                                   progress=not quiet)
             last_real = run / f"checkpoint-{window}"
             scores = score_dirs([model, last_real], task, tokenizer_dir=base, quiet=quiet, desc=f"eval round {r}",
                                 adapter_base=base)

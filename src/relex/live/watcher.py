@@ -32,7 +32,7 @@ from relex.analysis.backtest import HORIZONS, MIN_PREFIX, backtest, choose, safe
 from relex.analysis.diagnostics import diagnose, verdict
 from relex.errors import RelexError
 from relex.jsonout import dumps_strict
-from relex.materialize import compute_stats
+from relex.materialize import compute_stats, extrapolate
 from relex.methods import Relex
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.tempfiles import sweep, temp_path
@@ -297,7 +297,7 @@ class Watcher:
         method = Relex().fit(traj, progress=False)
         status = {k: v for k, v in (self.status or {}).items() if k in ("step", "window", "safe_horizon", "verdict")}
         run_info = {"run": str(self.run.resolve()), "watch": status}
-        folders = method.save(self.out, list(targets or self.targets), overwrite=True, stats=self.stats(steps),
+        folders = extrapolate(method, self.out, list(targets or self.targets), overwrite=True, stats=self.stats(steps),
                               cache=False, progress=False, run_info=run_info, **self.engine)
         self.written = folders
         return folders

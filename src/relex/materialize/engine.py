@@ -83,15 +83,19 @@ def _pass_bytes(spec: TensorSpec, n_checkpoints: int) -> int:
     return spec.numel * spec.dtype.itemsize * (n_checkpoints + 1)
 
 
-def extrapolate(trajectory: Trajectory, method: Method, targets: Sequence[int], out_dir: str | Path, *,
+def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
                 overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                 memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
                 progress: bool = True, run_info: dict | None = None,
                 stats: dict[str, TensorStats] | None = None) -> list[Path]:
-    """Write ``out_dir/step-{T}`` for each target T: a loadable HF model folder. Returns the folders.
+    """Write ``out_dir/step-{T}`` for each target T from a fitted method: a loadable HF model folder each.
 
-    ``stats`` (from ``compute_stats`` on the same trajectory) skips the Gram pass, cache or not.
+    The method's own observed trajectory (``method.fit``'s) is read; returns the folders. ``stats`` (from
+    ``compute_stats`` on that trajectory) skips the Gram pass, cache or not.
     """
+    trajectory = getattr(method, "trajectory_", None)
+    if trajectory is None:
+        raise RelexError(f"{method.name}: fit the method on a trajectory before extrapolating")
     targets = sorted(set(int(t) for t in targets))
     if not targets:
         raise RelexError("give at least one --target step")

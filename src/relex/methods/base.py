@@ -3,7 +3,8 @@
 Every weight-space method here predicts W_T = W_0 + sum_t A[T, t] (W_t - W_0): only the weights A
 differ, so all methods share one streaming materializer and one writer (``relex.materialize``).
 The estimator shape follows scikit-learn: parameters in the constructor, ``fit`` on a trajectory,
-then ``save`` (or ``weights``) for any targets.
+then ``weights`` for any targets; ``relex.materialize.extrapolate(method, out_dir, targets)`` writes them.
+Methods never import the materializer: it reads methods, so the dependency runs one way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -77,17 +77,11 @@ class Method(ABC):
         self.specs_: dict[str, TensorSpec] = self.trajectory_.tensor_specs()
         return self
 
-    def save(self, out_dir: str | Path, targets: Sequence[int], **options: Any) -> list[Path]:
-        """Write one Hugging Face model folder ``out_dir/step-{T}`` per target; see ``extrapolate``."""
-        from relex.materialize.engine import extrapolate
-
-        return extrapolate(self.trajectory_, self, list(targets), out_dir, **options)
-
 
 class DirectMethod(Method):
     """A method whose prediction is not a weighted sum of observed deltas (e.g. AlphaRL's per-step SVDs).
 
-    It reads one tensor's deltas a whole checkpoint at a time (``relex.materialize.stream.TensorDeltas``,
+    It reads one tensor's deltas a whole checkpoint at a time (``relex.trajectory.TensorDeltas``,
     or any sequence of float64 tensors), so its memory is a few copies of the largest tensor, whatever
     the number of checkpoints, rather than the budget's row blocks.
     """
