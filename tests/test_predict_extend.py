@@ -36,7 +36,7 @@ def test_unknown_or_unbuildable_methods_are_refused(monkeypatch: pytest.MonkeyPa
         name = "needs-data"
 
         def __init__(self, data: list[float], cutoff: int | None = None) -> None:
-            super().__init__(cutoff)
+            super().__init__(cutoff=cutoff)
 
     monkeypatch.setitem(METHODS, "needs-data", NeedsData)
     with pytest.raises(RelexError, match="default parameters"):

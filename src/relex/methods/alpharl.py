@@ -21,9 +21,9 @@ cutoff checkpoint, W_cut, as the original's output (built on the loaded cutoff m
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
-from relex.methods.base import DirectMethod
+from relex.methods.base import DirectMethod, option
 from relex.methods.pls import PLS1
 from relex.trajectory import Trajectory
 
@@ -129,46 +129,36 @@ def load_scores(path: str | Path) -> dict[int, float]:
     return scores
 
 
+@dataclass(eq=False, kw_only=True)
 class AlphaRL(DirectMethod):
     """Per-step rank-1 factors, PLS(1) against the step (or accuracy), inverted at the target."""
 
     name = "alpharl"
 
-    def __init__(self, cutoff: int | None = None, target: str = "step", scores: dict[int, float] | None = None,
-                 pls_scale: bool = True) -> None:
-        super().__init__(cutoff)
-        if target not in ("step", "accuracy"):
-            raise RelexError(f"alpharl target {target!r}: choose 'step' or 'accuracy'")
-        if target == "accuracy" and not scores:
+    target: str = option("step", "alpharl: regress the rank-1 factors on the step number (default) or on "
+                                 "measured accuracies (needs --scores)", choices=["step", "accuracy"])
+    scores: dict[int, float] | None = option(None, "alpharl: JSON {step: accuracy} for every observed step and "
+                                                   "every --target (the target's entry is the accuracy the "
+                                                   "prediction is inverted at)",
+                                             flag="--scores", parse=load_scores, type=Path, metavar="FILE")
+    pls_scale: bool = option(True, "alpharl: standardize the factors' coordinates in the PLS, as scikit-learn's "
+                                   "default in the original (default: on)")
+
+    def __post_init__(self) -> None:
+        if self.target not in ("step", "accuracy"):
+            raise RelexError(f"alpharl target {self.target!r}: choose 'step' or 'accuracy'")
+        if self.target == "accuracy" and not self.scores:
             raise RelexError("alpharl --alpharl-target accuracy needs --scores FILE (JSON: step -> accuracy)")
-        self.target = target
-        self.scores = {int(k): float(v) for k, v in (scores or {}).items()}
-        self.pls_scale = pls_scale
+        self.scores = {int(k): float(v) for k, v in (self.scores or {}).items()}
         self.vocab_size_: int | None = None
 
     def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"cutoff": self.cutoff, "target": self.target, "pls_scale": self.pls_scale}
+        """The parameters; the scores only when the regression reads them."""
+        out = super().params()
+        scores = out.pop("scores")
         if self.target == "accuracy":
-            out["scores"] = {str(k): v for k, v in sorted(self.scores.items())}
+            out["scores"] = {str(k): v for k, v in sorted(scores.items())}
         return out
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--alpharl-target", choices=["step", "accuracy"], default="step",
-                            help="alpharl: regress the rank-1 factors on the step number (default) or on "
-                                 "measured accuracies (needs --scores)")
-        parser.add_argument("--scores", type=Path, metavar="FILE",
-                            help="alpharl: JSON {step: accuracy} for every observed step and every --target "
-                                 "(the target's entry is the accuracy the prediction is inverted at)")
-        parser.add_argument("--alpharl-pls-scale", action=argparse.BooleanOptionalAction,
-                            default=True, help="alpharl: standardize the factors' coordinates in the PLS, as "
-                                               "scikit-learn's default in the original (default: on)")
-
-    @classmethod
-    def from_args(cls, args):
-        path = getattr(args, "scores", None)
-        return cls(cutoff=args.cutoff, target=getattr(args, "alpharl_target", "step"),
-                   scores=load_scores(path) if path else None, pls_scale=getattr(args, "alpharl_pls_scale", True))
 
     def fit(self, trajectory: Trajectory, progress: bool = True) -> "AlphaRL":
         super().fit(trajectory, progress)

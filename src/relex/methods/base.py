@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -26,15 +27,31 @@ log = logging.getLogger(__name__)
 SHARED_FLAG_DEFAULTS = {"rank": 1, "anchor": 0}  # the shared flags' CLI defaults
 
 
+def option(default: Any = None, help: str | None = None, *, flag: str | None = None, shared: bool = False,
+           parse: Callable[[Any], Any] | None = None, **argparse_kwargs: Any) -> Any:
+    """A method parameter, declared once: its default, and how the command line sets it.
+
+    With ``help`` it has a flag of its own, ``--{method name}-{parameter}`` unless ``flag`` names it, whose
+    default is the parameter's (a bool gives a switch: store_true, or --no-... when on by default) and whose
+    value ``parse`` turns into the parameter's. ``shared``: the CLI's flag of the same name sets it (--cutoff,
+    --rank, --anchor). Neither: no flag (the Python API only).
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "shared": shared, "parse": parse,
+                                            "argparse": argparse_kwargs})
+
+
+@dataclass(eq=False, kw_only=True)
 class Method(ABC):
-    """A weight-space extrapolation (or reconstruction) method over the checkpoints up to ``cutoff``."""
+    """A weight-space extrapolation (or reconstruction) method over the checkpoints up to ``cutoff``.
+
+    Subclasses are keyword-only dataclasses whose fields (``option``) are the method's parameters: the
+    command-line flags, ``from_args`` and ``params`` are derived from them; ``__post_init__`` validates.
+    """
 
     name: ClassVar[str]
     min_checkpoints: ClassVar[int] = 2  # observed checkpoints the method needs (a line: two)
-    shared_flags: ClassVar[tuple[str, ...]] = ()  # which of the shared --rank / --anchor the method reads
 
-    def __init__(self, cutoff: int | None = None) -> None:
-        self.cutoff = cutoff
+    cutoff: int | None = option(None, shared=True)
 
     @abstractmethod
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
@@ -42,23 +59,43 @@ class Method(ABC):
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters, recorded in each output's ``relex.json``."""
-        return {"cutoff": self.cutoff}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def _flag(cls, param: Field) -> str:
+        return param.metadata["flag"] or f"--{cls.name}-{param.name.replace('_', '-')}"
 
     @classmethod
     def add_arguments(cls, parser: argparse._ActionsContainer) -> None:
         """Add this method's own command-line flags (shared ones: --cutoff, --rank, --anchor)."""
+        for param in fields(cls):
+            if param.metadata["help"] is None:
+                continue
+            kwargs = dict(param.metadata["argparse"])
+            if isinstance(param.default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction if param.default else "store_true"
+            parser.add_argument(cls._flag(param), default=param.default, help=param.metadata["help"], **kwargs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Method":
         """Build the method from parsed command-line flags."""
-        return cls(cutoff=args.cutoff)
+        values = {}
+        for param in fields(cls):
+            if param.metadata["shared"]:
+                values[param.name] = getattr(args, param.name)
+            elif param.metadata["help"] is not None:
+                value = getattr(args, cls._flag(param).removeprefix("--").replace("-", "_"), param.default)
+                parse = param.metadata["parse"]
+                values[param.name] = parse(value) if parse and value is not None else value
+        return cls(**values)
 
     @classmethod
     def warn_ignored(cls, args: argparse.Namespace) -> None:
         """Warn about a shared flag (--rank, --anchor) set away from its default that this method never reads."""
+        reads = {param.name for param in fields(cls) if param.metadata["shared"]}
         for flag, default in SHARED_FLAG_DEFAULTS.items():
             value = getattr(args, flag, default)
-            if flag not in cls.shared_flags and value != default:
+            if flag not in reads and value != default:
                 log.warning("--%s %s is ignored by --method %s", flag, value, cls.name)
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
@@ -78,6 +115,7 @@ class Method(ABC):
         return self
 
 
+@dataclass(eq=False, kw_only=True)
 class DirectMethod(Method):
     """A method whose prediction is not a weighted sum of observed deltas (e.g. AlphaRL's per-step SVDs).
 

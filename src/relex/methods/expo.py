@@ -17,39 +17,30 @@ and are refused.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from relex.errors import RelexError
-from relex.methods.base import Method
+from relex.methods.base import Method, option
 from relex.stats.gram import TensorStats
 
 
+@dataclass(eq=False, kw_only=True)
 class ExPO(Method):
     """theta_cut + alpha (theta_cut - theta_0), fixed alpha; needs only the cutoff checkpoint."""
 
     name = "expo"
     min_checkpoints = 1
 
-    def __init__(self, alpha: float = 0.3, cutoff: int | None = None) -> None:
-        super().__init__(cutoff)
-        if not math.isfinite(alpha):
-            raise RelexError(f"expo alpha {alpha} must be a finite number")
-        self.alpha = float(alpha)
+    alpha: float = option(0.3, "expo: theta_cut + ALPHA (theta_cut - theta_0) (default %(default)s; the paper also "
+                               "suggests 0.5); --target only names the output", type=float)
 
-    def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "cutoff": self.cutoff}
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--expo-alpha", type=float, default=0.3,
-                            help="expo: theta_cut + ALPHA (theta_cut - theta_0) (default 0.3; the paper also "
-                                 "suggests 0.5); --target only names the output")
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(alpha=getattr(args, "expo_alpha", 0.3), cutoff=args.cutoff)
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.alpha):
+            raise RelexError(f"expo alpha {self.alpha} must be a finite number")
+        self.alpha = float(self.alpha)
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         super().check_targets(targets, observed_steps)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from relex.errors import RelexError
 from relex.methods.alpharl import top_singular_triplet
-from relex.methods.base import DirectMethod
+from relex.methods.base import DirectMethod, option
 from relex.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -146,42 +146,29 @@ def train_group(group: _Group, hidden: int, step_input: bool, epochs: int, lr: f
     return pred.double(), float(loss.detach())
 
 
+@dataclass(eq=False, kw_only=True)
 class NExt(DirectMethod):
     """Rank-1 factors of global and local deltas -> MLP per factor group -> factors of the k-step delta."""
 
     name = "next"
 
-    def __init__(self, cutoff: int | None = None, horizon: int | None = None, step_input: bool = False,
-                 epochs: int = 1000, lr: float = 1e-3, hidden: int = 256, seed: int = 0) -> None:
-        super().__init__(cutoff)
-        if horizon is not None and horizon <= 0:
-            raise RelexError(f"next horizon {horizon} must be a positive number of steps")
-        if epochs <= 0 or lr <= 0 or hidden <= 0:
+    horizon: int | None = option(None, "next: steps ahead the predictor learns (default: the observed step gap "
+                                       "closest to a third of the window)", type=int, metavar="K")
+    step_input: bool = option(False, "next: also give the predictor the step t / cutoff (the original does not)")
+    epochs: int = option(1000, "next: full-batch AdamW steps (default %(default)s)", type=int)
+    lr: float = option(1e-3, "next: AdamW learning rate (default %(default)s)", type=float)
+    hidden: int = option(256)  # width of every layer, as the original; no flag
+    seed: int = option(0, "next: predictor initialization seed (default %(default)s)", type=int)
+
+    def __post_init__(self) -> None:
+        if self.horizon is not None and self.horizon <= 0:
+            raise RelexError(f"next horizon {self.horizon} must be a positive number of steps")
+        if self.epochs <= 0 or self.lr <= 0 or self.hidden <= 0:
             raise RelexError("next epochs, lr and hidden must be positive")
-        self.horizon, self.step_input = horizon, step_input
-        self.epochs, self.lr, self.hidden, self.seed = epochs, lr, hidden, seed
 
     def params(self) -> dict[str, Any]:
-        return {"cutoff": self.cutoff, "horizon": getattr(self, "horizon_", self.horizon),
-                "step_input": self.step_input, "epochs": self.epochs, "lr": self.lr, "hidden": self.hidden,
-                "seed": self.seed}
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--next-horizon", type=int, metavar="K",
-                            help="next: steps ahead the predictor learns (default: the observed step gap "
-                                 "closest to a third of the window)")
-        parser.add_argument("--next-step-input", action="store_true",
-                            help="next: also give the predictor the step t / cutoff (the original does not)")
-        parser.add_argument("--next-epochs", type=int, default=1000, help="next: full-batch AdamW steps (default 1000)")
-        parser.add_argument("--next-lr", type=float, default=1e-3, help="next: AdamW learning rate (default 1e-3)")
-        parser.add_argument("--next-seed", type=int, default=0, help="next: predictor initialization seed (default 0)")
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(cutoff=args.cutoff, horizon=getattr(args, "next_horizon", None),
-                   step_input=getattr(args, "next_step_input", False), epochs=getattr(args, "next_epochs", 1000),
-                   lr=getattr(args, "next_lr", 1e-3), seed=getattr(args, "next_seed", 0))
+        """The parameters, with the horizon fit chose when none was given."""
+        return {**super().params(), "horizon": getattr(self, "horizon_", self.horizon)}
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         super().check_targets(targets, observed_steps)

@@ -7,12 +7,13 @@ predicts Delta_T = sum_k (a_k T + b_k) v_k = M^T alpha with alpha = sum_k (a_k T
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from relex.errors import RelexError
-from relex.methods.base import Method
+from relex.methods.base import Method, option
 from relex.methods.anchor import anchored_weights
 from relex.methods.trends import TRENDS, fit_trend
 from relex.stats.gram import TensorStats
@@ -30,6 +31,7 @@ def kept_components(stats: TensorStats, rank: int) -> tuple[np.ndarray, np.ndarr
     return values[:keep], vectors[:, :keep]
 
 
+@dataclass(eq=False, kw_only=True)
 class Relex(Method):
     """Rank-r subspace of the observed deltas, each coefficient extrapolated by a trend in the step.
 
@@ -38,29 +40,17 @@ class Relex(Method):
     """
 
     name = "relex"
-    shared_flags = ("rank", "anchor")
 
-    def __init__(self, rank: int = 1, cutoff: int | None = None, trend: str = "linear", anchor: int = 0) -> None:
-        super().__init__(cutoff)
-        if rank < 1:
-            raise RelexError(f"rank {rank} must be >= 1")
-        if trend not in TRENDS:
-            raise RelexError(f"unknown trend {trend!r}: choose one of {', '.join(TRENDS)}")
-        self.rank = rank
-        self.trend = trend
-        self.anchor = anchor
+    rank: int = option(1, shared=True)
+    trend: str = option("linear", "relex: trend family of the coefficients (default %(default)s, as the paper)",
+                        flag="--trend", choices=sorted(TRENDS))
+    anchor: int = option(0, shared=True)
 
-    def params(self) -> dict[str, Any]:
-        return {"rank": self.rank, "cutoff": self.cutoff, "trend": self.trend, "anchor": self.anchor}
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--trend", default="linear", choices=sorted(TRENDS),
-                            help="relex: trend family of the coefficients (default linear, as the paper)")
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(rank=args.rank, cutoff=args.cutoff, trend=args.trend, anchor=args.anchor)
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise RelexError(f"rank {self.rank} must be >= 1")
+        if self.trend not in TRENDS:
+            raise RelexError(f"unknown trend {self.trend!r}: choose one of {', '.join(TRENDS)}")
 
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         return anchored_weights(stats, targets, self.anchor, self._weights)
@@ -75,24 +65,17 @@ class Relex(Method):
         return out
 
 
+@dataclass(eq=False, kw_only=True)
 class Reconstruct(Method):
     """Rank-r projection of each observed checkpoint onto the trajectory's top-r subspace."""
 
     name = "reconstruct"
-    shared_flags = ("rank",)
 
-    def __init__(self, rank: int = 1, cutoff: int | None = None) -> None:
-        super().__init__(cutoff)
-        if rank < 1:
-            raise RelexError(f"rank {rank} must be >= 1")
-        self.rank = rank
+    rank: int = option(1, shared=True)
 
-    def params(self) -> dict[str, Any]:
-        return {"rank": self.rank, "cutoff": self.cutoff}
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(rank=args.rank, cutoff=args.cutoff)
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise RelexError(f"rank {self.rank} must be >= 1")
 
     def check_targets(self, targets: Sequence[int], observed_steps: Sequence[int]) -> None:
         missing = [t for t in targets if t not in set(observed_steps)]

@@ -8,39 +8,26 @@ checkpoint c; in deltas from the base that is r * Delta_c + (1 - r) * Delta_a. W
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from relex.errors import RelexError
-from relex.methods.base import Method
+from relex.methods.base import Method, option
 from relex.stats.gram import TensorStats
 
 
+@dataclass(eq=False, kw_only=True)
 class TwoPoint(Method):
     """Straight line through the anchor (default: the base) and the last observed checkpoint."""
 
     name = "two-point"
-    shared_flags = ("anchor",)
 
-    def __init__(self, cutoff: int | None = None, anchor: int = 0, norms_from_cutoff: bool = False) -> None:
-        super().__init__(cutoff)
-        self.anchor = anchor
-        self.norms_from_cutoff = norms_from_cutoff
-
-    def params(self) -> dict[str, Any]:
-        return {"cutoff": self.cutoff, "anchor": self.anchor, "norms_from_cutoff": self.norms_from_cutoff}
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--two-point-norms-from-cutoff", action="store_true",
-                            help="two-point: copy norm weights (1-D, name contains 'norm') from the cutoff "
-                                 "checkpoint instead of extrapolating them, as the original code does")
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(cutoff=args.cutoff, anchor=args.anchor,
-                   norms_from_cutoff=getattr(args, "two_point_norms_from_cutoff", False))
+    anchor: int = option(0, shared=True)
+    norms_from_cutoff: bool = option(False, "two-point: copy norm weights (1-D, name contains 'norm') from the "
+                                            "cutoff checkpoint instead of extrapolating them, as the original code "
+                                            "does")
 
     @staticmethod
     def is_norm(stats: TensorStats) -> bool:
