@@ -13,8 +13,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from relex.errors import RelexError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 log = logging.getLogger("relex")
 
@@ -285,48 +289,40 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None = None) -> None:
+def _horizon_table(title: str, rows: list[dict], safe: dict[str, float], cell: Callable[[dict], str]) -> Table:
+    """One row per setting, one column per backtest horizon (``cell(row)`` renders a result), then its safe horizon."""
     from rich.table import Table
 
     horizons = sorted({r["horizon"] for r in rows})
-    table = Table(title="Backtest: relative error ||pred - real|| / ||real - W_0|| of the last observed checkpoint, "
-                        "predicted from the prefix at cutoff/h (in brackets: error / error of stopping)")
+    table = Table(title=title)
     table.add_column("setting")
     for h in horizons:
         table.add_column(f"h={h:g}", justify="right")
     table.add_column("safe", justify="right")
     for label, horizon in safe.items():
-        cells = []
-        for h in horizons:
-            row = next((r for r in rows if r["setting"] == label and r["horizon"] == h), None)
-            cell = f"{row['relative_error']:.3f} ({row['error_vs_stay']:.2f})" if row else "-"
-            if row and "accuracy" in row:
-                cell += f" acc {row['accuracy']:.3f}"
-            cells.append(cell)
-        table.add_row(label, *cells, f"{horizon:g}x")
+        found = [next((r for r in rows if r["setting"] == label and r["horizon"] == h), None) for h in horizons]
+        table.add_row(label, *(cell(r) if r else "-" for r in found), f"{horizon:g}x")
+    return table
+
+
+def _print_backtest(rows: list[dict], safe: dict[str, float], real: dict | None = None) -> None:
+    def cell(row: dict) -> str:
+        text = f"{row['relative_error']:.3f} ({row['error_vs_stay']:.2f})"
+        return text + (f" acc {row['accuracy']:.3f}" if "accuracy" in row else "")
+
     console = _console()
-    console.print(table)
+    console.print(_horizon_table("Backtest: relative error ||pred - real|| / ||real - W_0|| of the last observed "
+                                 "checkpoint, predicted from the prefix at cutoff/h (in brackets: error / error of "
+                                 "stopping)", rows, safe, cell))
     if real:
         console.print(f"Real checkpoint at step {real['step']}: accuracy {real['accuracy']:.4f}")
 
 
 def _print_probe(rows: list[dict], safe: dict[str, float]) -> None:
-    from rich.table import Table
-
-    horizons = sorted({r["horizon"] for r in rows})
-    table = Table(title="Function-space backtest: mean token KL(real || predicted) on the probe, in brackets / "
-                        "stopping's; * = below stopping by more than the margin (safe)")
-    table.add_column("setting")
-    for h in horizons:
-        table.add_column(f"h={h:g}", justify="right")
-    table.add_column("safe", justify="right")
-    for label, horizon in safe.items():
-        cells = []
-        for h in horizons:
-            row = next((r for r in rows if r["setting"] == label and r["horizon"] == h), None)
-            cells.append(f"{row['kl']:.4f} ({row['kl_vs_stay']:.2f}){'*' if row['safe'] else ''}" if row else "-")
-        table.add_row(label, *cells, f"{horizon:g}x")
-    _console().print(table)
+    _console().print(_horizon_table(
+        "Function-space backtest: mean token KL(real || predicted) on the probe, in brackets / stopping's; "
+        "* = below stopping by more than the margin (safe)", rows, safe,
+        lambda row: f"{row['kl']:.4f} ({row['kl_vs_stay']:.2f}){'*' if row['safe'] else ''}"))
 
 
 def _read_json(path: Path):
