@@ -34,6 +34,12 @@ CASES = [
     ("\\boxed{121} but maybe 122", "122", False),  # the boxed answer wins over a later number
     ("I do not know.", "122", False),  # no answer
     ("", "122", False),  # empty completion
+    ("59 + 63 is not allowed.", "122", False),  # the question restated: math-verify would evaluate it (a reward hack)
+    ("\\boxed{59+63}", "122", False),  # boxed arithmetic is not a stated answer either
+    ("59 + 63 = 122", "122", True),  # worked, then stated
+    ("\\boxed{-5}", "-5", True),  # a negative number is a value
+    ("The answer is 1/2.", "\\frac{1}{2}", True),  # a fraction is a value
+    ("\\boxed{3 + 4}", "3 + 4", True),  # unless the reference itself is arithmetic
 ]
 
 
