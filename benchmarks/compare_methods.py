@@ -69,7 +69,13 @@ def main() -> None:
                "--cutoff", str(cutoff), "--method", method, "--out", str(out), "--no-cache", "-q", *extra]
         for t in wanted:
             cmd += ["--target", str(t)]
-        cost = measure(cmd)
+        try:
+            cost = measure(cmd)
+        except SystemExit as refusal:  # e.g. --auto on a window too short to backtest: an outcome, not a crash
+            reason = str(refusal).strip().splitlines()[-1]
+            rows += [{"method": label, "target": t, "accuracy": None, "stderr": None, "weight_error": None,
+                      "seconds": None, "peak_anon_bytes": None, "refused": reason} for t in wanted]
+            continue
         scores = score_dirs([out / f"step-{t}" for t in wanted], task, tokenizer_dir=lab / "base", quiet=True)
         for t in wanted:
             real = lab / "run" / f"checkpoint-{t}"
@@ -85,7 +91,8 @@ def main() -> None:
         score = score_logits_extrapolation(anchor, cut, t / cutoff, tokenizer, task)
         rows.append({"method": "logits", "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
                      "weight_error": None, "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
-    real_scores = _real_scores(lab, meta, [0, cutoff, last], task, adapter_base)
+    real_scores = score_dirs([lab / "base", lab / "run" / f"checkpoint-{cutoff}", lab / "run" / f"checkpoint-{last}"],
+                             task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base)
     stop = real_scores[lab / "run" / f"checkpoint-{cutoff}"]  # the baseline: keep the cutoff checkpoint
     rows.insert(0, {"method": "stop", "target": last, "accuracy": stop.accuracy, "stderr": stop.stderr,
                     "weight_error": relative_weight_error(lab / "run" / f"checkpoint-{cutoff}",
@@ -99,6 +106,9 @@ def main() -> None:
           f"{real_scores[lab / 'run' / f'checkpoint-{last}'].accuracy:.3f}")
     print(f"{'method':>10} {'target':>6} {'accuracy':>14} {'weight err':>10} {'seconds':>8} {'peak anon':>10}")
     for r in rows:
+        if r.get("refused"):
+            print(f"{r['method']:>10} {r['target']:>6}  refused: {r['refused']}")
+            continue
         err = f"{r['weight_error']:.3f}" if r["weight_error"] is not None else "-"
         mem = f"{r['peak_anon_bytes'] / 1e6:.0f}M" if r["peak_anon_bytes"] else "-"
         print(f"{r['method']:>10} {r['target']:>6} {r['accuracy']:>8.3f} ± {r['stderr']:.3f} {err:>10} "
@@ -106,20 +116,6 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"lab": str(lab), "lora": meta.get("lora"), "cutoff": cutoff, "T": last, "rows": rows,
                                      "real": {str(k): v.as_dict() for k, v in real_scores.items()}}, indent=2) + "\n")
-
-
-def _real_scores(lab: Path, meta: dict, steps: list[int], task, adapter_base: Path | None) -> dict:
-    """Scores of the base (step 0) and real checkpoints: the lab's own where its curve has them, else scored here."""
-    from relex.lab.evaluate import Score, score_dirs
-
-    folder = {s: lab / "base" if s == 0 else lab / "run" / f"checkpoint-{s}" for s in steps}
-    known = {r["step"]: r for r in meta.get("curve", [])}
-    scores = {folder[s]: Score(round(known[s]["accuracy"] * task.heldout_size), task.heldout_size)
-              for s in steps if s in known}
-    missing = [folder[s] for s in steps if s not in known]
-    if missing:
-        scores.update(score_dirs(missing, task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base))
-    return scores
 
 
 if __name__ == "__main__":
