@@ -13,7 +13,7 @@ its backtest picks, written even beyond the safe horizon it reports). Prints a t
 
     python benchmarks/compare_methods.py --lab-dir runs/lab-default
     python benchmarks/compare_methods.py --lab-dir runs/lab-default-lora --json benchmarks/results/compare_lora.json
-    python benchmarks/compare_methods.py --lab-dir runs/llm-cpu --cutoff 6 --json benchmarks/results/compare_llm_cpu.json
+    python benchmarks/compare_methods.py --lab-dir runs/llm-cpu --cutoff 4 --methods alpharl expo logits --json benchmarks/results/compare_llm_cpu.json
 """
 
 from __future__ import annotations
