@@ -72,7 +72,7 @@ def main() -> None:
         try:
             cost = measure(cmd)
         except SystemExit as refusal:  # e.g. --auto on a window too short to backtest: an outcome, not a crash
-            reason = str(refusal).strip().splitlines()[-1]
+            reason = str(refusal).strip().splitlines()[-1].split("relex: error: ")[-1]
             rows += [{"method": label, "target": t, "accuracy": None, "stderr": None, "weight_error": None,
                       "seconds": None, "peak_anon_bytes": None, "refused": reason} for t in wanted]
             continue
