@@ -23,11 +23,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/regrade.json"))
     args = parser.parse_args()
     import torch
-    from math_verify import parse, verify
 
     from relex.jsonout import write_json
-    from relex.lab.evaluate import load_model, load_tokenizer
-    from relex.lab.grading import _gold, grade
+    from relex.lab.evaluate import greedy_completions, load_model, load_tokenizer
+    from relex.lab.grading import final_answer, grade
     from relex.lab.llm_lab import lab_task
 
     torch.set_num_threads(args.threads)
@@ -36,13 +35,8 @@ def main() -> None:
     problems = task.heldout
     rows = []
     for name in args.models:
-        model = load_model(args.lab_dir / name)
-        with torch.inference_mode():
-            enc = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True)
-            out = model.generate(**enc, do_sample=False, max_new_tokens=task.max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        lenient = [bool(verify(_gold(p.answer), parse(t))) for t, p in zip(texts, problems, strict=True)]
+        texts = greedy_completions(load_model(args.lab_dir / name), tokenizer, problems, task.max_new_tokens)
+        lenient = [final_answer(t, p.answer)[0] for t, p in zip(texts, problems, strict=True)]
         strict = [grade(t, p.answer) for t, p in zip(texts, problems, strict=True)]
         n = len(problems)
         row = {"model": name, "n": n, "lenient": sum(lenient) / n, "strict": sum(strict) / n,

@@ -103,13 +103,19 @@ def probe_file(path):
     return path
 
 
-def test_a_turning_run_is_safe_in_weight_space_and_refused_in_function_space(tmp_path, capsys):
+def probe_backtest(tmp_path, turn: bool, tokens: int) -> tuple[list[str], list[str], dict]:
+    """A pico base and a (turning or straight) run, `relex backtest --probe` on it: the CLI's io and probe
+    arguments, and the backtest's JSON."""
     base = save_pico_model(tmp_path / "base")
-    turning_run(base, tmp_path / "run", turn=True)
+    turning_run(base, tmp_path / "run", turn=turn)
     io = ["--base", str(base), "--run", str(tmp_path / "run"), "--cache", str(tmp_path / "c"), "-q"]
-    probe = ["--probe", str(probe_file(tmp_path / "probe.txt")), "--probe-tokens", "1"]
+    probe = ["--probe", str(probe_file(tmp_path / "probe.txt")), "--probe-tokens", str(tokens)]
     assert main(["backtest", *io, *probe, "--json", str(tmp_path / "bt.json")]) == 0
-    data = strict_json((tmp_path / "bt.json").read_text())
+    return io, probe, strict_json((tmp_path / "bt.json").read_text())
+
+
+def test_a_turning_run_is_safe_in_weight_space_and_refused_in_function_space(tmp_path, capsys):
+    io, probe, data = probe_backtest(tmp_path, turn=True, tokens=1)
     assert data["space"] == "function"
     assert data["safe_horizon"]["relex linear"] >= 3  # weight space: the embedding rows dominate, and go straight
     assert data["probe_safe_horizon"]["relex linear"] == 1.0  # function space: stopping is closer
@@ -127,12 +133,7 @@ def test_a_turning_run_is_safe_in_weight_space_and_refused_in_function_space(tmp
 
 
 def test_a_straight_run_extrapolates_in_both_spaces(tmp_path):
-    base = save_pico_model(tmp_path / "base")
-    turning_run(base, tmp_path / "run", turn=False)
-    io = ["--base", str(base), "--run", str(tmp_path / "run"), "--cache", str(tmp_path / "c"), "-q"]
-    probe = ["--probe", str(probe_file(tmp_path / "probe.txt")), "--probe-tokens", "4"]
-    assert main(["backtest", *io, *probe, "--json", str(tmp_path / "bt.json")]) == 0
-    data = strict_json((tmp_path / "bt.json").read_text())
+    io, probe, data = probe_backtest(tmp_path, turn=False, tokens=4)
     assert data["safe_horizon"]["relex linear"] >= 3 and data["probe_safe_horizon"]["relex linear"] >= 3
     assert main(["extrapolate", *io, "--auto", *probe, "--target", "24", "--out", str(tmp_path / "out")]) == 0
     meta = strict_json((tmp_path / "out" / "step-24" / "relex.json").read_text())

@@ -72,24 +72,30 @@ def load_model(model_dir: Path, adapter_base: Path | None = None) -> PreTrainedM
 
 
 @torch.inference_mode()
-def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task | FileTask,
-                batch_size: int = 512, problems: list[Problem] | None = None) -> Score:
-    """Greedy-decode every held-out prompt (or the given ``problems``) and count verified answers."""
-    problems = task.heldout if problems is None else problems
-    correct = 0
+def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
+                       max_new_tokens: int, batch_size: int = 512) -> list[str]:
+    """The model's greedy completion of each problem's prompt, decoded in batches."""
+    texts: list[str] = []
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
         enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True).to(model.device)
         out = model.generate(
             **enc,
             do_sample=False,
-            max_new_tokens=task.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(task.verify(t, p.answer) for t, p in zip(texts, batch, strict=True))
-    return Score(correct, len(problems))
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task | FileTask,
+                batch_size: int = 512, problems: list[Problem] | None = None) -> Score:
+    """Greedy-decode every held-out prompt (or the given ``problems``) and count verified answers."""
+    problems = task.heldout if problems is None else problems
+    texts = greedy_completions(model, tokenizer, problems, task.max_new_tokens, batch_size)
+    return Score(sum(task.verify(t, p.answer) for t, p in zip(texts, problems, strict=True)), len(problems))
 
 
 @torch.inference_mode()

@@ -34,12 +34,16 @@ def unevaluated(text: str) -> bool:
     return _ARITHMETIC.fullmatch(text.strip().strip("$").strip()) is not None
 
 
-def grade(completion: str, answer: str) -> bool:
-    """True if the completion's final answer is mathematically equal to ``answer`` and stated as a value."""
+def final_answer(completion: str, answer: str) -> tuple[bool, str | None]:
+    """Plain math-verify's verdict on the completion's final answer, and that answer's text (None: none found)."""
     gold = _gold(answer)
     if not gold:
         raise ValueError(f"math-verify cannot parse the reference answer {answer!r}")
     found = parse(completion)
-    if found and unevaluated(str(found[-1])) and not unevaluated(answer):
-        return False
-    return bool(verify(gold, found))
+    return bool(verify(gold, found)), str(found[-1]) if found else None
+
+
+def grade(completion: str, answer: str) -> bool:
+    """True if the completion's final answer is mathematically equal to ``answer`` and stated as a value."""
+    equal, text = final_answer(completion, answer)
+    return equal and not (text is not None and unevaluated(text) and not unevaluated(answer))
