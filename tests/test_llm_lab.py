@@ -47,8 +47,9 @@ def test_wrong_profile_for_the_model_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_llm_lab_ci_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "llm-ci"
+    # both cores: the suite runs one test at a time, and the assertions hold for any thread count
     proc = subprocess.run([sys.executable, "-m", "relex", "lab", "--model", "smollm2-135m", "--profile", "ci",
-                           "--out", str(out), "-q"], capture_output=True, text=True, timeout=1800)
+                           "--out", str(out), "--threads", "2", "-q"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llm-ci"]  # no temporary sibling left behind
     doc = json.loads((out / "report.json").read_text())
