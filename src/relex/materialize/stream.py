@@ -16,7 +16,7 @@ import torch
 from relex.errors import RelexError
 from relex.materialize.rounding import cast_into
 from relex.stats.gram import TensorStats, gram_of
-from relex.trajectory import TensorDeltas, TensorSpec, Trajectory
+from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
 
@@ -32,7 +32,7 @@ class DeltaStream:
         self.budget = memory_budget
         self.n_outputs = n_outputs  # targets written per tensor: their sums share the budget with the stack
         self.device = torch.device(device)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers = BufferPool(self.device)
 
     def bytes_per_element(self, spec: TensorSpec) -> int:
         """Live bytes per tensor element: the fp64 stack and base, the read buffer, fp64 sums, an output."""
@@ -47,14 +47,7 @@ class DeltaStream:
     def buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
                device: torch.device | None = None) -> torch.Tensor:
         """A view of a reused buffer that only ever grows: no allocation or page faults per tensor."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        have = self._buffers.get(key)
-        if have is None or have.numel() < numel:
-            self._buffers.pop(key, None)
-            have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
-        return have[:numel].view(shape)
+        return self._buffers.get(key, shape, dtype, device)
 
     def read(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(deltas as a T x n float64 stack, the base block as float64, flat) for rows r0:r1."""
@@ -88,11 +81,9 @@ class DeltaStream:
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
-    def deltas(self, name: str) -> TensorDeltas:
-        """One tensor's deltas, one checkpoint at a time (for methods that are not weighted sums)."""
-        spec = self.base.specs[name]
-        raw = self.buffer("raw", (spec.numel * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
-        return self.trajectory.deltas(name, self.device, raw)
+    def deltas(self, name: str) -> ReadDeltas:
+        """One tensor's deltas in row blocks within the budget (for methods that are not weighted sums)."""
+        return self.trajectory.deltas(name, max(self.budget - FIXED_OVERHEAD, 0), self._buffers)
 
     def weighted_sums(self, stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         """W_0 + sum_t weights[j, t] Delta_t for every row j of ``weights``, in float64."""
