@@ -1,13 +1,15 @@
 """Benchmark ``relex extrapolate`` on a synthetic bf16 run with a real model's tensor shapes.
 
-Generates base + T checkpoints (rank-1 linear drift plus noise) in a scratch folder, then for each
-memory budget runs ``cat`` over the same input files and ``relex extrapolate`` as subprocesses,
+Generates base + T checkpoints (linear drift plus noise; the drift a dense random matrix per tensor, or
+rank 1 with ``--drift rank1``) in a scratch folder, then for each memory budget runs ``cat`` over the same
+input files and ``relex extrapolate`` for each ``--method`` (interleaved, on the same inputs) as subprocesses,
 reporting wall time, the ratio to ``cat``, and peak memory: RssAnon (the process's own memory, which
 the budget bounds) and total RSS (which also counts touched pages of memory-mapped input files).
 Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
     python benchmarks/bench_extrapolate.py --model small
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
+    python benchmarks/bench_extrapolate.py --model small --method relex --method alpharl --method next --budget 64MB
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def model_shapes(name: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate(folder: Path, model: str, steps: list[int]) -> int:
-    """Write base/ and run/checkpoint-N/ in bf16; returns the number of parameters."""
+def generate(folder: Path, model: str, steps: list[int], drift: str = "dense") -> int:
+    """Write base/ and run/checkpoint-N/ in bf16; returns the number of parameters.
+
+    ``drift``: each tensor's direction of motion, a dense Gaussian matrix (a flat singular spectrum: the worst
+    case for AlphaRL's and NExt's top singular vectors) or, for 2-D tensors, a rank-1 outer product."""
     vocab, hidden, layers, inter, heads, kv, tied = MODELS[model]
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
               "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
@@ -61,7 +66,9 @@ def generate(folder: Path, model: str, steps: list[int]) -> int:
     gen = torch.Generator().manual_seed(0)
     shapes = model_shapes(model)
     base = {n: (0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16) for n, s in shapes.items()}
-    direction = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in shapes.items()}
+    direction = {n: (torch.outer(torch.randn(s[0], generator=gen), torch.randn(s[1], generator=gen))
+                     if drift == "rank1" and len(s) == 2 else torch.randn(s, generator=gen)).to(torch.bfloat16)
+                 for n, s in shapes.items()}
     pool = {n: torch.randn(t.numel() + len(steps), generator=gen).to(torch.bfloat16) for n, t in base.items()}
     for sub, tensors in [("base", base)] + [(f"run/checkpoint-{s}", None) for s in steps]:
         out = folder / sub
@@ -107,46 +114,56 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--checkpoints", type=int, default=16, help="T, the number of observed checkpoints")
     parser.add_argument("--budget", action="append", help="memory budgets to run (default: 2GB and 256MB)")
-    parser.add_argument("--method", default="relex", help="relex extrapolate --method (default relex)")
+    parser.add_argument("--method", action="append", help="relex extrapolate --method and any flags of its own, "
+                                                          "e.g. 'next --next-epochs 20'; repeatable: each is timed "
+                                                          "after cat on the same inputs (default relex)")
+    parser.add_argument("--drift", choices=["dense", "rank1"], default="dense", help="each tensor's drift direction")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
+    parser.add_argument("--keep", type=Path, help="generate the run here, or reuse it if there, and keep it")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
     args = parser.parse_args()
-    budgets = args.budget or ["2GB", "256MB"]
-    scratch = Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
+    budgets, methods = args.budget or ["2GB", "256MB"], args.method or ["relex"]
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
     try:
         steps = list(range(1, args.checkpoints + 1))
         t0 = time.perf_counter()
-        params = generate(scratch, args.model, steps)
-        print(f"generated {args.model}: {params / 1e6:.1f}M params, bf16, {len(steps)} checkpoints "
-              f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        if args.keep and (scratch / "base").is_dir():
+            params = sum(s[0] * (s[1] if len(s) > 1 else 1) for s in model_shapes(args.model).values())
+        else:
+            params = generate(scratch, args.model, steps, args.drift)
+        print(f"{args.model}: {params / 1e6:.1f}M params, bf16, {len(steps)} checkpoints, {args.drift} drift "
+              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         files = [str(scratch / "base" / "model.safetensors")] + [
             str(scratch / "run" / f"checkpoint-{s}" / "model.safetensors") for s in steps]
         input_bytes = sum(os.path.getsize(f) for f in files)
         rows = []
         for budget in budgets:
-            cat = measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
-            out = scratch / f"out-{budget}"
-            run = measure([sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"),
-                           "--run", str(scratch / "run"), "--target", str(4 * len(steps)), "--out", str(out),
-                           "--memory-budget", budget, "--method", args.method, "--no-cache", "-q"])
-            shutil.rmtree(out)
-            rows.append({"model": args.model, "method": args.method, "params": params, "checkpoints": len(steps), "budget": budget,
-                         "input_bytes": input_bytes, "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
-                         "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
-                         "peak_rss_bytes": run["peak_rss"]})
-        print(f"{'model':14} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} {'ratio':>6} "
+            for method in methods:
+                cat = measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
+                out = scratch / f"out-{budget}"
+                run = measure([sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"),
+                               "--run", str(scratch / "run"), "--target", str(4 * len(steps)), "--out", str(out),
+                               "--memory-budget", budget, "--method", *method.split(), "--no-cache", "-q"])
+                shutil.rmtree(out)
+                rows.append({"model": args.model, "method": method, "drift": args.drift, "params": params,
+                             "checkpoints": len(steps), "budget": budget, "input_bytes": input_bytes,
+                             "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
+                             "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
+                             "peak_rss_bytes": run["peak_rss"]})
+        print(f"{'model':14} {'method':24} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} {'ratio':>6} "
               f"{'peak anon':>10} {'peak rss':>10}")
         for r in rows:
-            print(f"{r['model']:14} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G {r['cat_seconds']:>7.2f} "
-                  f"{r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} {r['peak_anon_bytes'] / 1e6:>9.0f}M "
-                  f"{r['peak_rss_bytes'] / 1e6:>9.0f}M")
+            print(f"{r['model']:14} {r['method']:24} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G "
+                  f"{r['cat_seconds']:>7.2f} {r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} "
+                  f"{r['peak_anon_bytes'] / 1e6:>9.0f}M {r['peak_rss_bytes'] / 1e6:>9.0f}M")
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                      "memory_bytes": psutil.virtual_memory().total},
                                          "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

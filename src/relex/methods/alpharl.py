@@ -39,6 +39,7 @@ from relex.trajectory import TensorDeltas, Trajectory
 
 log = logging.getLogger(__name__)
 
+
 def align_signs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows a_t with signs aligned from the last one back; also which rows were flipped.
 

@@ -42,6 +42,7 @@ from relex.units import parse_size
 
 log = logging.getLogger(__name__)
 
+
 def default_horizon(steps: Sequence[int]) -> int:
     """The observed step difference closest to a third of the window that has at least two (t, t+k) pairs."""
     steps = sorted(steps)
