@@ -1,7 +1,8 @@
 """Benchmark ``relex extrapolate`` on a synthetic bf16 or fp32 run with a real model's tensor shapes.
 
-Generates base + T checkpoints (rank-1 linear drift plus noise) in a scratch folder, then for each
-memory budget runs ``cat`` over the same input files and ``relex extrapolate`` as subprocesses,
+Generates base + T checkpoints (linear drift plus noise; the drift a dense random matrix per tensor, or
+rank 1 with ``--drift rank1``) in a scratch folder, then for each memory budget runs ``cat`` over the same
+input files and ``relex extrapolate`` for each ``--method`` (interleaved, on the same inputs) as subprocesses,
 reporting wall time, the ratio to ``cat``, and peak memory: RssAnon (the process's own memory, which
 the budget bounds) and total RSS (which also counts touched pages of memory-mapped input files).
 ``--budget whole`` holds the largest tensor's whole stack, ``--budget eighth`` an eighth of it.
@@ -11,6 +12,8 @@ Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
     python benchmarks/bench_extrapolate.py --model small
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --dtype float32 --budget whole --budget eighth --reference
+    python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
+    python benchmarks/bench_extrapolate.py --model small --method relex --method alpharl --method next --budget 64MB
 """
 
 from __future__ import annotations
@@ -56,8 +59,12 @@ def model_shapes(name: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate(folder: Path, model: str, steps: list[int], dtype: torch.dtype = torch.bfloat16) -> int:
-    """Write base/ and run/checkpoint-N/ in ``dtype``; returns the number of parameters."""
+def generate(folder: Path, model: str, steps: list[int], drift: str = "dense",
+             dtype: torch.dtype = torch.bfloat16) -> int:
+    """Write base/ and run/checkpoint-N/ in ``dtype``; returns the number of parameters.
+
+    ``drift``: each tensor's direction of motion, a dense Gaussian matrix (a flat singular spectrum: the worst
+    case for AlphaRL's and NExt's top singular vectors) or, for 2-D tensors, a rank-1 outer product."""
     vocab, hidden, layers, inter, heads, kv, tied = MODELS[model]
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
               "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
@@ -66,7 +73,9 @@ def generate(folder: Path, model: str, steps: list[int], dtype: torch.dtype = to
     gen = torch.Generator().manual_seed(0)
     shapes = model_shapes(model)
     base = {n: (0.02 * torch.randn(s, generator=gen)).to(dtype) for n, s in shapes.items()}
-    direction = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in shapes.items()}
+    direction = {n: (torch.outer(torch.randn(s[0], generator=gen), torch.randn(s[1], generator=gen))
+                     if drift == "rank1" and len(s) == 2 else torch.randn(s, generator=gen)).to(torch.bfloat16)
+                 for n, s in shapes.items()}
     pool = {n: torch.randn(t.numel() + len(steps), generator=gen).to(torch.bfloat16) for n, t in base.items()}
     for sub, tensors in [("base", base)] + [(f"run/checkpoint-{s}", None) for s in steps]:
         out = folder / sub
@@ -142,20 +151,27 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=16, help="T, the number of observed checkpoints")
     parser.add_argument("--budget", action="append",
                         help="memory budgets to run: a size, 'whole' or 'eighth' (default: 2GB and 256MB)")
-    parser.add_argument("--method", default="relex", help="relex extrapolate --method (default relex)")
+    parser.add_argument("--method", action="append", help="relex extrapolate --method and any flags of its own, "
+                                                          "e.g. 'next --next-epochs 20'; repeatable: each is timed "
+                                                          "after cat on the same inputs (default relex)")
+    parser.add_argument("--drift", choices=["dense", "rank1"], default="dense", help="each tensor's drift direction")
     parser.add_argument("--reference", action="store_true", help="also time the reference pipeline's algorithm")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each timing; the fastest is reported")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
+    parser.add_argument("--keep", type=Path, help="generate the run here, or reuse it if there, and keep it")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
     args = parser.parse_args()
-    budgets = args.budget or ["2GB", "256MB"]
-    scratch = Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
+    budgets, methods = args.budget or ["2GB", "256MB"], args.method or ["relex"]
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
     try:
         steps = list(range(1, args.checkpoints + 1))
         t0 = time.perf_counter()
-        params = generate(scratch, args.model, steps, getattr(torch, args.dtype))
-        print(f"generated {args.model}: {params / 1e6:.1f}M params, {args.dtype}, {len(steps)} checkpoints "
-              f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        if args.keep and (scratch / "base").is_dir():
+            params = sum(s[0] * (s[1] if len(s) > 1 else 1) for s in model_shapes(args.model).values())
+        else:
+            params = generate(scratch, args.model, steps, args.drift, getattr(torch, args.dtype))
+        print(f"{args.model}: {params / 1e6:.1f}M params, {args.dtype}, {len(steps)} checkpoints, {args.drift} drift "
+              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         files = [str(scratch / "base" / "model.safetensors")] + [
             str(scratch / "run" / f"checkpoint-{s}" / "model.safetensors") for s in steps]
         input_bytes = sum(os.path.getsize(f) for f in files)
@@ -164,25 +180,28 @@ def main() -> None:
         rows = []
         for name in budgets:
             budget = named_budget(name, scratch)
-            out = scratch / f"out-{name}"
-            cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
-                   str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget", budget,
-                   "--method", args.method, "--no-cache", "-q", "--overwrite"]
-            cat = min((measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]) for _ in range(args.repeat)),
-                      key=lambda r: r["seconds"])
-            run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
-            shutil.rmtree(out)
-            rows.append({"model": args.model, "dtype": args.dtype, "method": args.method, "params": params,
-                         "checkpoints": len(steps), "budget": name, "budget_bytes": int(parse_size(budget)),
-                         "input_bytes": input_bytes, "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
-                         "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
-                         "peak_rss_bytes": run["peak_rss"], **reference})
-        print(f"{'model':14} {'dtype':8} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} {'ratio':>6} "
-              f"{'peak anon':>10} {'peak rss':>10}" + (f" {'ref s':>7} {'ref/relex':>9} {'ref anon':>9}" if reference else ""))
+            for method in methods:
+                out = scratch / f"out-{name}"
+                cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
+                       str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget", budget,
+                       "--method", *method.split(), "--no-cache", "-q", "--overwrite"]
+                cat = min((measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]) for _ in range(args.repeat)),
+                          key=lambda r: r["seconds"])
+                run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+                shutil.rmtree(out)
+                rows.append({"model": args.model, "dtype": args.dtype, "method": method, "drift": args.drift,
+                             "params": params, "checkpoints": len(steps), "budget": name,
+                             "budget_bytes": int(parse_size(budget)), "input_bytes": input_bytes,
+                             "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
+                             "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
+                             "peak_rss_bytes": run["peak_rss"], **reference})
+        print(f"{'model':14} {'dtype':8} {'method':10} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} "
+              f"{'ratio':>6} {'peak anon':>10} {'peak rss':>10}"
+              + (f" {'ref s':>7} {'ref/relex':>9} {'ref anon':>9}" if reference else ""))
         for r in rows:
-            line = (f"{r['model']:14} {r['dtype']:8} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G {r['cat_seconds']:>7.2f} "
-                    f"{r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} {r['peak_anon_bytes'] / 1e6:>9.0f}M "
-                    f"{r['peak_rss_bytes'] / 1e6:>9.0f}M")
+            line = (f"{r['model']:14} {r['dtype']:8} {r['method']:10} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G "
+                    f"{r['cat_seconds']:>7.2f} {r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} "
+                    f"{r['peak_anon_bytes'] / 1e6:>9.0f}M {r['peak_rss_bytes'] / 1e6:>9.0f}M")
             if reference:
                 line += (f" {r['reference_seconds']:>7.1f} {r['reference_seconds'] / r['relex_seconds']:>9.1f} "
                          f"{r['reference_peak_anon_bytes'] / 1e6:>8.0f}M")
@@ -193,7 +212,8 @@ def main() -> None:
                                          "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

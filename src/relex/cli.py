@@ -192,7 +192,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     else:
         name = "reconstruct" if args.reconstruct else args.method
         METHODS[name].warn_ignored(args)
-        method = METHODS[name].from_args(args).fit(_trajectory(args), progress=not args.quiet)
+        method = METHODS[name].from_args(args).fit(_trajectory(args), progress=not args.quiet,
+                                                   memory_budget=args.memory_budget)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
     folders = extrapolate(method, args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,

@@ -22,7 +22,7 @@ from relex.errors import RelexError
 from relex.materialize.stream import DeltaStream
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
-from relex.trajectory import TensorSpec, Trajectory
+from relex.trajectory import StackedDeltas, TensorSpec, Trajectory
 from relex.units import parse_size
 from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name, publish_all,
                           warn_if_no_tokenizer)
@@ -174,19 +174,8 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
             for writer in writers:
                 writer.weights.write(name, block.to(dtype))
         return cached or stream.stats(name, spec)
-    if isinstance(method, DirectMethod):  # whole checkpoints: the stack in one read when it fits, else one by one
-        if len(stream.blocks(spec, stacked=True)) == 1:
-            block = stream.load(name, 0, spec.rows)
-            stats = cached or stream.stats(name, spec, block)
-            stack, base = stream.stacked(block)
-            deltas = stack.view((-1,) + spec.shape)
-        else:
-            stats = cached or stream.stats(name, spec)
-            deltas = stream.deltas(name)
-            base = deltas.base.reshape(-1)
-        for target, writer, delta in zip(targets, writers, method.predict_deltas(name, deltas, stats.steps, targets)):
-            _write(writer, name, stream.cast(delta.reshape(-1) + base, dtype, spec.shape), target)
-        return stats
+    if isinstance(method, DirectMethod):
+        return _materialize_direct(stream, name, spec, dtype, method, targets, cached, writers)
     block = None
     if len(blocks) == 1 and cached is None:
         block = stream.load(name, *blocks[0])
@@ -199,4 +188,27 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
         outs = block.weighted_sums(weights, stream.outputs(dtype, block.numel))
         for target, writer, values in zip(targets, writers, outs):
             _write(writer, name, values.view(shape), target)
+    return stats
+
+
+def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype: torch.dtype, method: DirectMethod,
+                        targets: list[int], cached: TensorStats | None,
+                        writers: list[ModelFolderWriter]) -> TensorStats:
+    """A DirectMethod's tensor: its factors from the deltas (the stack read once when it fits the budget, else
+    row blocks read at every visit), then every target's values written a row block at a time."""
+    if len(stream.blocks(spec, stacked=True)) == 1:
+        block = stream.load(name, 0, spec.rows)
+        stats = cached or stream.stats(name, spec, block)
+        deltas = StackedDeltas(*stream.stacked(block), spec.shape)
+    else:
+        stats = cached or stream.stats(name, spec)
+        deltas = stream.deltas(name)
+    prediction = method.predict(name, deltas, stats.steps, targets)
+    anchor = [] if prediction.anchor is None else [prediction.anchor]
+    for block in deltas.blocks(anchor):
+        shape = (block.stop - block.start,) + spec.shape[1:] if spec.shape else ()
+        anchor_rows = block.deltas[0] if anchor else None
+        for j, (target, writer) in enumerate(zip(targets, writers)):
+            delta = prediction.rows(j, block.start, block.stop, anchor_rows)
+            _write(writer, name, stream.cast(delta.reshape(-1).add_(block.base), dtype, shape), target)
     return stats

@@ -12,7 +12,8 @@ so memory stays at the budget whatever the model size.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,66 +21,98 @@ import torch
 from relex.errors import RelexError
 from relex.materialize.rounding import cast_into, round_once
 from relex.stats.gram import TensorStats, gram_of
-from relex.trajectory import TensorDeltas, TensorSpec, Trajectory
+from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
-CHUNK_BYTES = 1 << 20      # float64 bytes of one chunk of deltas on the CPU (T x columns): cache-sized
+CHUNK_BYTES = 1 << 19      # float64 bytes of one chunk of deltas on a CPU worker (T+1 x columns): cache-sized
 
 
 class Block:
     """Rows r0:r1 of one tensor in the base and every observed checkpoint, with float64 deltas by chunk.
 
     ``rows`` holds the checkpoints' stored values ((T+1) x n, base first) when every checkpoint stores its
-    weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``).
+    weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``). On the CPU the
+    chunks are spread over worker threads, each running single-threaded kernels on its own scratch: no
+    thread barrier per chunk, which a busy machine turns into waits. Per-chunk results are combined in
+    chunk order, so the numbers do not depend on the number of workers.
     """
 
     def __init__(self, rows: torch.Tensor, holds_deltas: bool, base: torch.Tensor, device: torch.device,
-                 scratch: torch.Tensor) -> None:
+                 scratch: torch.Tensor, pool: ThreadPoolExecutor | None) -> None:
         self.rows, self.holds_deltas, self.base, self.device = rows, holds_deltas, base, device
         self.n_steps = rows.shape[0] - (0 if holds_deltas else 1)
         self.numel = rows.shape[1]
-        self.scratch = scratch  # float64, (T+1) x chunk columns
+        self.scratch = scratch  # float64, workers x (T+1) x chunk columns
+        self.pool = pool        # None: every chunk in this thread (one chunk on a GPU)
 
     @property
     def chunk(self) -> int:
-        return self.scratch.shape[1]
+        return self.scratch.shape[2]
 
-    def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(first column, deltas T x c, base c), float64 on the block's device, for every chunk of columns."""
-        for c0 in range(0, self.numel, self.chunk):
-            c1 = min(c0 + self.chunk, self.numel)
-            work = self.scratch[:, :c1 - c0]
-            if self.holds_deltas:
-                work[0].copy_(self.base[c0:c1])
-                work[1:].copy_(self.rows[:, c0:c1])
-            else:
-                work.copy_(self.rows[:, c0:c1])
-                work[1:].sub_(work[0])
-            yield c0, work[1:], work[0]
+    def _deltas(self, c0: int, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(deltas T x c, base c) of the chunk of columns from ``c0``, float64 in ``work``."""
+        c1 = min(c0 + self.chunk, self.numel)
+        work = work[:, :c1 - c0]
+        if self.holds_deltas:
+            work[0].copy_(self.base[c0:c1])
+            work[1:].copy_(self.rows[:, c0:c1])
+        else:
+            work.copy_(self.rows[:, c0:c1])
+            work[1:].sub_(work[0])
+        return work[1:], work[0]
+
+    def each_chunk(self, fn: Callable[[int, torch.Tensor, torch.Tensor], Any]) -> list:
+        """``fn(c0, deltas, base)`` for every chunk of columns, the results in chunk order."""
+        starts = list(range(0, self.numel, self.chunk))
+        workers = self.scratch.shape[0] if self.pool else 1
+
+        def work(worker: int) -> list:
+            return [fn(c0, *self._deltas(c0, self.scratch[worker])) for c0 in starts[worker::workers]]
+
+        if workers == 1:
+            return work(0)
+        with single_threaded_kernels():
+            parts = list(self.pool.map(work, range(workers)))
+        return [parts[i % workers][i // workers] for i in range(len(starts))]
 
     def gram(self) -> torch.Tensor:
         """G = M M^T of the block's deltas (T x T, float64, on the CPU), summed over the chunks in order."""
         gram = torch.zeros(self.n_steps, self.n_steps, dtype=torch.float64, device=self.device)
-        for _, deltas, _ in self.chunks():
-            gram += gram_of(deltas)
+        for part in self.each_chunk(lambda c0, deltas, base: gram_of(deltas)):
+            gram += part
         return gram.cpu()
 
     def weighted_sums(self, weights: np.ndarray, outs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Fill flat ``outs[j]`` with W_0 + sum_t weights[j, t] Delta_t, reduced in float64, rounded once to its dtype."""
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
-        sums = torch.empty(w.shape[0], self.chunk, dtype=torch.float64, device=self.device)
-        for c0, deltas, base in self.chunks():
-            part = torch.mm(w, deltas, out=sums[:, :deltas.shape[1]]).add_(base)
+
+        def fill(c0: int, deltas: torch.Tensor, base: torch.Tensor) -> None:
+            part = torch.mm(w, deltas).add_(base)
             for j, out in enumerate(outs):
                 out[c0:c0 + deltas.shape[1]] = round_once(part[j], out.dtype)
+
+        self.each_chunk(fill)
         return outs
 
     def stack(self, out: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All deltas as one T x n float64 stack and the base block as float64, in ``out`` and ``base``."""
-        for c0, deltas, base_chunk in self.chunks():
+        def copy(c0: int, deltas: torch.Tensor, base_chunk: torch.Tensor) -> None:
             out[:, c0:c0 + deltas.shape[1]].copy_(deltas)
             base[c0:c0 + deltas.shape[1]].copy_(base_chunk)
+
+        self.each_chunk(copy)
         return out, base
+
+
+@contextmanager
+def single_threaded_kernels() -> Iterator[None]:
+    """torch's kernels on one thread while worker threads share the cores (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class DeltaStream:
@@ -94,9 +127,11 @@ class DeltaStream:
         self.n_outputs = n_outputs  # targets written per tensor: their values share the budget with the rows
         self.device = torch.device(device)
         self.holds_deltas = not all(r.stores_weights for r in self.readers)
-        self._buffers: dict[str, torch.Tensor] = {}
-        # files are read side by side (the reads release the GIL): a page-cache copy or a disk queue per core
-        self._pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="relex-read")
+        self._buffers = BufferPool(self.device)
+        # one worker per torch thread: files are read side by side (the reads release the GIL, a page-cache
+        # copy or a disk queue per core), and a block's chunks are computed side by side
+        self.workers = max(1, torch.get_num_threads())
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex")
 
     def bytes_per_element(self, spec: TensorSpec, stacked: bool = False) -> int:
         """Live bytes per tensor element: the stored rows (float64 deltas for adapters) and the outputs, plus a
@@ -115,14 +150,7 @@ class DeltaStream:
     def buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
                device: torch.device | None = None) -> torch.Tensor:
         """A view of a reused buffer that only ever grows: no allocation or page faults per tensor."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        have = self._buffers.get(key)
-        if have is None or have.numel() < numel:
-            self._buffers.pop(key, None)
-            have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
-        return have[:numel].view(shape)
+        return self._buffers.get(key, shape, dtype, device)
 
     def load(self, name: str, r0: int, r1: int) -> Block:
         """Rows r0:r1 of tensor ``name`` from the base and every observed checkpoint, read once."""
@@ -144,9 +172,11 @@ class DeltaStream:
         if self.device.type != "cpu":
             rows = self.buffer("rows-device", rows.shape, rows.dtype).copy_(rows)
             base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
-        columns = n if self.device.type != "cpu" else max(1, CHUNK_BYTES // (8 * (t + 1)))
-        scratch = self.buffer("scratch", (t + 1, min(columns, max(n, 1))))
-        return Block(rows, self.holds_deltas, base, self.device, scratch)
+        on_cpu = self.device.type == "cpu"
+        columns = min(max(1, CHUNK_BYTES // (8 * (t + 1))) if on_cpu else n, max(n, 1))
+        workers = self.workers if on_cpu else 1
+        scratch = self.buffer("scratch", (workers, t + 1, columns))
+        return Block(rows, self.holds_deltas, base, self.device, scratch, self._pool if on_cpu else None)
 
     @staticmethod
     def _read_into(reader, name: str, r0: int, r1: int, dest: torch.Tensor) -> torch.Tensor:
@@ -158,7 +188,7 @@ class DeltaStream:
 
     def stacked(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         """(a block's deltas as one T x n float64 stack, its base as float64, flat), in reused buffers."""
-        return block.stack(self.buffer("stack", (block.n_steps, block.numel)), self.buffer("base", (block.numel,)))
+        return block.stack(self.buffer("stacked", (block.n_steps, block.numel)), self.buffer("stacked-base", (block.numel,)))
 
     def stats(self, name: str, spec: TensorSpec, block: Block | None = None) -> TensorStats:
         """Gram statistics of a tensor: from a block already read (the whole tensor), or block by block."""
@@ -180,11 +210,9 @@ class DeltaStream:
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
-    def deltas(self, name: str) -> TensorDeltas:
-        """One tensor's deltas, one checkpoint at a time (for methods that are not weighted sums)."""
-        spec = self.base.specs[name]
-        raw = self.buffer("raw", (spec.numel * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
-        return self.trajectory.deltas(name, self.device, raw)
+    def deltas(self, name: str) -> ReadDeltas:
+        """One tensor's deltas in row blocks within the budget (for methods that are not weighted sums)."""
+        return self.trajectory.deltas(name, max(self.budget - FIXED_OVERHEAD, 0), self._buffers)
 
     def outputs(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
         """One reused flat output buffer of ``dtype`` per target, on the CPU where the writers take it."""

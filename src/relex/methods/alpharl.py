@@ -9,9 +9,10 @@ target's y gives a_T. The prediction is W_T = W_0 + a_T v_cut^T with v_cut the l
 checkpoint's right vector. The basis is re-derived at every step; that is the difference RELEX's
 shared trajectory basis removes.
 
-Not a weighted sum of observed deltas, so it is a ``DirectMethod``: it reads one checkpoint's delta at a time.
-The triplets come from block subspace iteration in float64 (no full SVD of any Delta_t), warm-started
-from the previous checkpoint's v and stopped on the triplet's residual ||D^T u - s v|| / s.
+Not a weighted sum of observed deltas, so it is a ``DirectMethod``: it reads one checkpoint's delta at a time,
+in row blocks that fit the memory budget. The triplets come from block subspace iteration in float64 (no full
+SVD of any Delta_t; ``relex.methods.triplet``), warm-started from the previous checkpoint's v and stopped on the
+triplet's residual ||D^T u - s v|| / s; the prediction is written a row block at a time from its factors.
 
 Scope (as in the original, which only touches the attention and MLP matrices of the decoder layers):
 2-D tensors other than the token embedding and the LM head (the 2-D tensors with a dimension equal to
@@ -31,58 +32,12 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
-from relex.methods.base import DirectMethod, option
+from relex.methods.base import DirectMethod, RankOnePrediction, option
 from relex.methods.pls import PLS1
-from relex.trajectory import Trajectory
+from relex.methods.triplet import MAX_ITER, DeltaDifference, top_singular_triplet
+from relex.trajectory import TensorDeltas, Trajectory
 
 log = logging.getLogger(__name__)
-
-BLOCK = 4          # subspace size of the iteration (the top vector converges at sigma_{BLOCK+1} / sigma_1)
-MAX_ITER = 300
-RESIDUAL_TOL = 1e-10
-
-
-def top_singular_triplet(d: torch.Tensor, start: torch.Tensor | None = None, block: int = BLOCK,
-                         max_iter: int = MAX_ITER, tol: float = RESIDUAL_TOL
-                         ) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
-    """(u, s, v, converged) of the largest singular value of the m x n float64 matrix ``d``.
-
-    Block subspace iteration on D^T D with a Rayleigh-Ritz step (the eigenpairs of a k x k Gram);
-    ``start`` (e.g. the previous checkpoint's v) is the first column of the starting block, the rest
-    are seeded random, so results are deterministic. Exact after one or two steps when min(m, n) <= k.
-    A zero matrix gives zeros.
-    """
-    m, n = d.shape
-    zeros = (torch.zeros(m, dtype=d.dtype, device=d.device), 0.0, torch.zeros(n, dtype=d.dtype, device=d.device))
-    k = min(block, m, n)
-    if k == 0 or not bool(torch.any(d != 0)):
-        return (*zeros, True)
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=d.device, dtype=d.dtype)
-    if start is not None and bool(torch.any(start != 0)):
-        q[:, 0] = start
-    q = torch.linalg.qr(q).Q
-    converged = False
-    for _ in range(max_iter):
-        b = d @ q                                     # m x k
-        values, vectors = torch.linalg.eigh(b.T @ b)  # Ritz values s^2, ascending
-        s = float(values[-1].clamp(min=0.0).sqrt())
-        if s == 0.0:
-            q = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64).to(q)).Q
-            continue
-        w = vectors[:, -1]
-        v = q @ w
-        u = (b @ w) / s
-        z = d.T @ b                                   # D^T D Q: the residual and the next block
-        residual = float(torch.linalg.vector_norm(z @ w / s - s * v)) / s
-        if residual <= tol:
-            converged = True
-            break
-        q = torch.linalg.qr(z).Q
-    else:
-        if s == 0.0:
-            return (*zeros, False)
-    return u, s, v, converged
 
 
 def align_signs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +115,8 @@ class AlphaRL(DirectMethod):
             out["scores"] = {str(k): v for k, v in sorted(scores.items())}
         return out
 
-    def fit(self, trajectory: Trajectory, progress: bool = True) -> "AlphaRL":
-        super().fit(trajectory, progress)
+    def fit(self, trajectory: Trajectory, progress: bool = True, memory_budget: str | int = "2GB") -> "AlphaRL":
+        super().fit(trajectory, progress, memory_budget)
         config = self.trajectory_.base_config()
         self.vocab_size_ = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         return self
@@ -181,12 +136,12 @@ class AlphaRL(DirectMethod):
         """2-D, and not the embedding or LM head (a dimension equal to the vocabulary size)."""
         return len(shape) == 2 and (self.vocab_size_ is None or self.vocab_size_ not in shape)
 
-    def factors(self, name: str, deltas: Sequence[torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
-        """The a_t (T x m, signs as found) and the last checkpoint's v, from T deltas of shape m x n."""
-        a = np.zeros((len(deltas), deltas[0].shape[0]))
+    def factors(self, name: str, deltas: TensorDeltas) -> tuple[np.ndarray, torch.Tensor]:
+        """The a_t (T x rows, signs as found) and the last checkpoint's v, from the T deltas."""
+        a = np.zeros((len(deltas), deltas.shape[0]))
         v = None
         for t in range(len(deltas)):
-            u, s, v_t, converged = top_singular_triplet(deltas[t], v)
+            u, s, v_t, converged = top_singular_triplet(DeltaDifference(deltas, t), v)
             if not converged:
                 log.warning("alpharl: %s at checkpoint %d: top singular vector did not converge in %d steps",
                             name, t, MAX_ITER)
@@ -194,11 +149,11 @@ class AlphaRL(DirectMethod):
             v = v_t
         return a, v
 
-    def predict_deltas(self, name: str, deltas: Sequence[torch.Tensor], steps: np.ndarray,
-                       targets: Sequence[float]) -> torch.Tensor:
-        last = deltas[len(deltas) - 1]
-        if not self.in_scope(tuple(last.shape)):  # kept at the cutoff checkpoint
-            return last.unsqueeze(0).expand((len(targets),) + tuple(last.shape)).clone()
+    def predict(self, name: str, deltas: TensorDeltas, steps: np.ndarray,
+                targets: Sequence[float]) -> RankOnePrediction:
+        """W_0 + a_T v_cut^T in scope; the cutoff checkpoint's delta (W_cut) out of scope."""
+        if not self.in_scope(deltas.tensor_shape):
+            return RankOnePrediction(anchor=len(deltas) - 1)
         a, v = self.factors(name, deltas)
         aligned, _ = align_signs(a)
         if self.target == "accuracy":
@@ -207,5 +162,5 @@ class AlphaRL(DirectMethod):
         else:
             y, goals = np.asarray(steps, dtype=np.float64), [float(t) for t in targets]
         pls = PLS1.fit(aligned, y, scale=self.pls_scale)
-        a_target = torch.from_numpy(np.stack([pls.invert(g) for g in goals])).to(last)
-        return a_target[:, :, None] * v[None, None, :]
+        a_target = torch.from_numpy(np.stack([pls.invert(g) for g in goals])).to(v)
+        return RankOnePrediction(anchor=None, left=a_target, right=v)

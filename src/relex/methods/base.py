@@ -20,7 +20,7 @@ import torch
 
 from relex.errors import RelexError
 from relex.stats.gram import TensorStats
-from relex.trajectory import TensorSpec, Trajectory
+from relex.trajectory import TensorDeltas, TensorSpec, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +105,54 @@ class Method(ABC):
                 raise RelexError(f"target {target} must be a positive step")
 
     # -- estimator API ---------------------------------------------------------------------------
-    def fit(self, trajectory: Trajectory, progress: bool = True) -> "Method":
+    def fit(self, trajectory: Trajectory, progress: bool = True, memory_budget: str | int = "2GB") -> "Method":
         """Select the observed checkpoints (step <= cutoff) and validate them against the base.
 
-        ``progress`` draws bars for methods that learn from the checkpoints while fitting (NExt).
+        ``progress`` draws bars and ``memory_budget`` bounds the bytes held at a time for methods that read
+        the checkpoints while fitting (NExt).
         """
         self.trajectory_ = trajectory.observed(self.cutoff, self.min_checkpoints)
         self.specs_: dict[str, TensorSpec] = self.trajectory_.tensor_specs()
         return self
 
 
+@dataclass(frozen=True)
+class RankOnePrediction:
+    """One tensor's predicted deltas at every target, as an observed delta plus a rank-1 term.
+
+    On the tensor viewed as rows x row_numel, target j's delta is Delta_anchor (nothing when ``anchor`` is
+    None: the prediction starts from W_0) plus left[j] outer right (nothing when ``left`` is None). Kept in
+    factors so the writer forms it a row block at a time: no dense per-target delta of a big tensor exists.
+    """
+
+    anchor: int | None
+    left: torch.Tensor | None = None   # targets x rows, float64
+    right: torch.Tensor | None = None  # row_numel, float64
+
+    def rows(self, j: int, start: int, stop: int, anchor_rows: torch.Tensor | None) -> torch.Tensor:
+        """Target j's predicted delta on rows start:stop, float64 (stop - start) x row_numel.
+
+        ``anchor_rows`` are Delta_anchor's rows start:stop (unused, may be None, when ``anchor`` is None).
+        """
+        if self.left is None:
+            return anchor_rows.clone()
+        term = self.left[j, start:stop, None] * self.right[None, :]
+        return term if self.anchor is None else term.add_(anchor_rows)
+
+
 @dataclass(eq=False, kw_only=True)
 class DirectMethod(Method):
     """A method whose prediction is not a weighted sum of observed deltas (e.g. AlphaRL's per-step SVDs).
 
-    It reads one tensor's deltas a whole checkpoint at a time (``relex.trajectory.TensorDeltas``,
-    or any sequence of float64 tensors), so its memory is a few copies of the largest tensor, whatever
-    the number of checkpoints, rather than the budget's row blocks.
+    It sees one tensor's deltas through ``relex.trajectory.TensorDeltas``, row blocks that fit the memory
+    budget (the whole tensor in one block when it fits), and predicts in rank-1 factors, so its memory is
+    bounded by the budget whatever the tensor's size.
     """
 
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         raise TypeError(f"{self.name} predicts deltas directly; it has no weights on observed deltas")
 
     @abstractmethod
-    def predict_deltas(self, name: str, deltas: Sequence[torch.Tensor], steps: np.ndarray,
-                       targets: Sequence[float]) -> torch.Tensor:
-        """Predicted deltas, (len(targets),) + the tensor's shape, float64; ``deltas[t]`` is checkpoint t's."""
+    def predict(self, name: str, deltas: TensorDeltas, steps: np.ndarray,
+                targets: Sequence[float]) -> RankOnePrediction:
+        """Every target's predicted delta of tensor ``name``, from its observed deltas at ``steps``."""

@@ -17,9 +17,9 @@ Differences from the public code, each deliberate:
 - defaults lr 1e-3 with 1000 full-batch steps (the original: 2e-5), chosen before any measurement
   because its widths (256) and step count are the same and inputs here are standardized.
 
-Not a weighted sum of deltas: a ``DirectMethod``. ``fit`` reads every checkpoint of every tensor (one
-tensor, and at most three of its checkpoints, in memory at a time) to learn; the writing pass reads the
-last checkpoint again.
+Not a weighted sum of deltas: a ``DirectMethod``. ``fit`` reads every checkpoint of every tensor to learn, in
+row blocks of at most two checkpoints that fit the memory budget (``relex.methods.triplet`` finds the factors
+one visit of the rows per iteration); the writing pass reads the last checkpoint again, a row block at a time.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from relex.errors import RelexError
-from relex.methods.alpharl import top_singular_triplet
-from relex.methods.base import DirectMethod, option
-from relex.trajectory import Trajectory
+from relex.methods.base import DirectMethod, RankOnePrediction, option
+from relex.methods.triplet import DeltaDifference, RowBlockMatrix, Triplet, top_singular_triplet
+from relex.trajectory import BufferPool, TensorDeltas, Trajectory
+from relex.units import parse_size
 
 log = logging.getLogger(__name__)
-
-Triplet = tuple[torch.Tensor, float, torch.Tensor]
 
 
 def default_horizon(steps: Sequence[int]) -> int:
@@ -58,7 +57,7 @@ def default_horizon(steps: Sequence[int]) -> int:
     return min(usable, key=lambda k: (abs(k - third), -k))
 
 
-def rank1(d: torch.Tensor, reference: Triplet | None = None) -> Triplet:
+def rank1(d: torch.Tensor | RowBlockMatrix, reference: Triplet | None = None) -> Triplet:
     """Top singular triplet of a 2-D float64 matrix, its sign fixed against ``reference`` (or v's largest entry)."""
     u, s, v, converged = top_singular_triplet(d)
     if not converged:
@@ -179,9 +178,10 @@ class NExt(DirectMethod):
                              f"target {early[0]} is before it")
 
     # -- learning ---------------------------------------------------------------------------------
-    def fit(self, trajectory: Trajectory, progress: bool = True) -> "NExt":
-        """Read every trained tensor's deltas once, collect its factors, train one predictor per group."""
-        super().fit(trajectory, progress)
+    def fit(self, trajectory: Trajectory, progress: bool = True, memory_budget: str | int = "2GB") -> "NExt":
+        """Read every trained tensor's deltas, collect its factors, train one predictor per group."""
+        super().fit(trajectory, progress, memory_budget)
+        block_bytes, buffers = parse_size(memory_budget), BufferPool()
         steps = self.trajectory_.steps
         self.horizon_ = self.horizon or default_horizon(steps)
         pairs = [(i, steps.index(s + self.horizon_)) for i, s in enumerate(steps) if s + self.horizon_ in steps]
@@ -192,10 +192,10 @@ class NExt(DirectMethod):
         groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
         names = [n for n, s in self.specs_.items() if s.dtype.is_floating_point and s.numel > 1]
         for name in tqdm(names, desc="next: factors", disable=not progress, leave=False):
-            deltas = self.trajectory_.deltas(name)
+            deltas = self.trajectory_.deltas(name, block_bytes, buffers)
             if len(self.specs_[name].shape) == 1:
-                self._collect_vector(groups, name, torch.stack([deltas[t] for t in range(len(steps))]), pairs,
-                                     positions)
+                stack = torch.stack([deltas.whole(t).reshape(-1) for t in range(len(steps))])
+                self._collect_vector(groups, name, stack, pairs, positions)
             else:
                 self._collect_matrix(groups, name, deltas, pairs, positions)
         self.predicted_: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -226,30 +226,20 @@ class NExt(DirectMethod):
         group.query_local.append(local[-1].clone())
         group.owners.append(name)
 
-    def _collect_matrix(self, groups, name: str, deltas: Sequence[torch.Tensor], pairs: list[tuple[int, int]],
+    def _collect_matrix(self, groups, name: str, deltas: TensorDeltas, pairs: list[tuple[int, int]],
                         positions: list[float]) -> None:
-        """A matrix: the sign-fixed rank-1 factors of every global, local and k-step delta.
+        """A matrix: the sign-fixed rank-1 factors of every global, local and k-step delta (rows x row_numel).
 
-        Reads one checkpoint at a time (two live, plus a re-read for each label), never the whole stack.
+        Each triplet visits the rows of at most two checkpoints per iteration, never the whole stack.
         """
         count = len(deltas)
-
-        def delta(t: int) -> torch.Tensor:
-            d = deltas[t]
-            return d.reshape(d.shape[0], -1)
-
-        last = delta(count - 1)
-        reference = rank1(last)
-        global_, local, previous = [], [], None
-        for t in range(count):
-            current = last if t == count - 1 else delta(t)
-            global_.append(rank1(current, reference))
-            local.append(rank1(current - previous if previous is not None else current, reference))
-            previous = current
+        reference = rank1(DeltaDifference(deltas, count - 1))
+        global_ = [rank1(DeltaDifference(deltas, t), reference) for t in range(count)]
+        local = [rank1(DeltaDifference(deltas, t, t - 1 if t else None), reference) for t in range(count)]
         if all(s == 0 for _, s, _ in global_):
             return  # untouched by training (e.g. outside a LoRA's target modules)
-        labels = {(i, j): rank1(delta(j) - delta(i), reference) for i, j in pairs}
-        m, n = last.shape
+        labels = {(i, j): rank1(DeltaDifference(deltas, j, i), reference) for i, j in pairs}
+        m, n = deltas.shape
         for role, index, dim in (("u", 0, m), ("s", 1, 1), ("v", 2, n)):
             group = groups[(role, dim)]
 
@@ -266,24 +256,17 @@ class NExt(DirectMethod):
             group.owners.append(name)
 
     # -- prediction -------------------------------------------------------------------------------
-    def k_step_delta(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """The predicted W_{c+k} - W_c of one tensor (None for a tensor the predictor does not cover)."""
+    def predict(self, name: str, deltas: TensorDeltas, steps: np.ndarray,
+                targets: Sequence[float]) -> RankOnePrediction:
+        """W_c + ((T - c) / k) times the predicted k-step delta (rank 1; a vector's own), W_c where none is."""
+        last = len(deltas) - 1
         factors = self.predicted_.get(name)
         if not factors:
-            return None
+            return RankOnePrediction(anchor=last)
+        scales = torch.tensor([(float(t) - float(steps[-1])) / self.horizon_ for t in targets], dtype=torch.float64)
         if "vector" in factors:
-            return factors["vector"].reshape(shape)
+            return RankOnePrediction(anchor=last, left=scales[:, None] * factors["vector"][None, :],
+                                     right=torch.ones(1, dtype=torch.float64))
         u, v = factors["u"], factors["v"]
         u, v = u / u.norm().clamp_min(1e-30), v / v.norm().clamp_min(1e-30)
-        return (factors["s"][0] * torch.outer(u, v)).reshape(shape)
-
-    def predict_deltas(self, name: str, deltas: Sequence[torch.Tensor], steps: np.ndarray,
-                       targets: Sequence[float]) -> torch.Tensor:
-        latest = deltas[len(deltas) - 1]
-        shape = tuple(latest.shape)
-        out = latest.unsqueeze(0).expand((len(targets),) + shape).clone()
-        delta = self.k_step_delta(name, shape)
-        if delta is not None:
-            for j, target in enumerate(targets):
-                out[j] += ((float(target) - float(steps[-1])) / self.horizon_) * delta.to(out)
-        return out
+        return RankOnePrediction(anchor=last, left=scales[:, None] * (factors["s"][0] * u)[None, :], right=v)

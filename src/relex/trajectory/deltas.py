@@ -1,8 +1,17 @@
-"""One tensor's deltas W_t - W_0, read a whole checkpoint at a time, for methods that are not weighted sums."""
+"""One tensor's deltas W_t - W_0, visited in row blocks, for methods that are not weighted sums (AlphaRL, NExt).
+
+The tensor is viewed as a rows x row_numel matrix (a 1-D tensor: n rows of one element). ``blocks`` yields
+its rows a block at a time, with the base's rows and the deltas of the checkpoints asked for, so a method
+computes matrix products (``relex.methods.rowblocks``) in memory bounded by the block, not the tensor.
+``StackedDeltas`` holds a stack already read (one block: the tensor fits the budget); ``ReadDeltas`` reads
+the blocks from the checkpoint files at every visit.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
@@ -10,23 +19,104 @@ from relex.trajectory.peft import AdapterReader
 from relex.trajectory.reader import CheckpointReader
 
 
-class TensorDeltas:
-    """The deltas of one tensor: ``deltas[t]`` is checkpoint t's whole W_t - W_0 as a new float64 tensor of
-    the tensor's shape, ``len(deltas)`` the number of checkpoints.
+class BufferPool:
+    """Reused buffers by key that only ever grow: no allocation or page faults per tensor or per block."""
 
-    Methods that are not weighted sums (AlphaRL, NExt) work checkpoint by checkpoint, so their memory is a
-    few copies of the largest tensor, whatever the number of checkpoints (a stacked tensor serves too).
-    ``buffer`` (uint8, the tensor's bytes or more) is reused for every read instead of a fresh one each.
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
+            device: torch.device | None = None) -> torch.Tensor:
+        """A view of shape ``shape`` of buffer ``key`` (valid until the next ``get`` of that key)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        have = self._buffers.get(key)
+        if have is None or have.numel() < numel or have.dtype != dtype:
+            self._buffers.pop(key, None)
+            have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
+        return have[:numel].view(shape)
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``start:stop`` of a tensor: the base's (float64, flat) and the deltas asked for (each a
+    (stop - start) x row_numel float64 view, valid until the next block is read)."""
+
+    start: int
+    stop: int
+    base: torch.Tensor
+    deltas: list[torch.Tensor]
+
+
+class TensorDeltas(ABC):
+    """The observed deltas of one tensor of shape ``tensor_shape``, as matrices ``shape`` = (rows, row_numel)
+    on ``device``; ``len``: how many checkpoints."""
+
+    def __init__(self, tensor_shape: tuple[int, ...], count: int, device: torch.device) -> None:
+        self.tensor_shape, self.count, self.device = tuple(tensor_shape), count, device
+        rows = tensor_shape[0] if tensor_shape else 1
+        numel = 1
+        for d in tensor_shape:
+            numel *= d
+        self.shape = (rows, numel // rows if rows else 0)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @abstractmethod
+    def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
+        """Every row block in order, with the deltas of ``checkpoints`` (indices into the observed ones)."""
+
+    def whole(self, checkpoint: int) -> torch.Tensor:
+        """One checkpoint's whole delta as a rows x row_numel float64 tensor (for tensors known to be small)."""
+        return torch.cat([block.deltas[0] for block in self.blocks([checkpoint])])
+
+
+class StackedDeltas(TensorDeltas):
+    """Deltas already in memory: a T x numel float64 stack and the base (numel, float64), one block."""
+
+    def __init__(self, stack: torch.Tensor, base: torch.Tensor, tensor_shape: tuple[int, ...]) -> None:
+        super().__init__(tensor_shape, stack.shape[0], stack.device)
+        self.stack, self.base = stack, base
+
+    def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
+        yield RowBlock(0, self.shape[0], self.base, [self.stack[t].view(self.shape) for t in checkpoints])
+
+
+class ReadDeltas(TensorDeltas):
+    """Deltas read from the files block by block, at most ``block_bytes`` live per visit.
+
+    A visit reads the base's rows and each asked-for checkpoint's (``read_delta``: exact float64 deltas, a
+    LoRA checkpoint's from its factors) into ``buffers`` (the streaming engine's own pool, so reading the
+    stack and reading these blocks share memory); the buffers are reused across blocks and visits.
     """
 
     def __init__(self, base: CheckpointReader, readers: Sequence[CheckpointReader | AdapterReader], name: str,
-                 device: str | torch.device = "cpu", buffer: torch.Tensor | None = None) -> None:
-        self.readers, self.name, self.buffer = readers, name, buffer
-        self.spec = base.specs[name]
-        self.base = base.read(name).to(device=device, dtype=torch.float64).reshape(self.spec.shape)
+                 block_bytes: int, buffers: BufferPool) -> None:
+        spec = base.specs[name]
+        super().__init__(spec.shape, len(readers), buffers.device)
+        self.base_reader, self.readers, self.name = base, readers, name
+        self.block_bytes, self.itemsize, self.buffers = block_bytes, spec.dtype.itemsize, buffers
 
-    def __len__(self) -> int:
-        return len(self.readers)
+    def rows_per_block(self, width: int) -> int:
+        """Rows that fit ``block_bytes`` (at least one): per element, the raw bytes, the float64 base and
+        ``width`` deltas, and room for the caller's work on a block: two float64 temporaries (a difference of
+        deltas, a predicted block) and an output of up to 4 bytes."""
+        per_row = max(self.shape[1], 1) * (self.itemsize + 4 + 8 * (3 + width))
+        return max(1, self.block_bytes // per_row)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.readers[index].read_delta(self.name, base=self.base, buffer=self.buffer)
+    def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
+        rows, width = self.shape
+        step = self.rows_per_block(len(checkpoints))
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            numel = (r1 - r0) * width
+            raw = self.buffers.get("raw", (numel * self.itemsize,), torch.uint8, torch.device("cpu"))
+            base = self.buffers.get("base", (numel,))
+            base.copy_(self.base_reader.read(self.name, r0, r1, raw).reshape(-1))
+            stack = self.buffers.get("stack", (len(checkpoints), numel))
+            for i, t in enumerate(checkpoints):
+                self.readers[t].read_delta(self.name, r0, r1, base=base, out=stack[i], buffer=raw)
+            yield RowBlock(r0, r1, base, [stack[i].view(r1 - r0, width) for i in range(len(checkpoints))])

@@ -7,10 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from relex.errors import RelexError
-from relex.trajectory.deltas import TensorDeltas
+from relex.trajectory.deltas import BufferPool, ReadDeltas
 from relex.trajectory.discover import Checkpoint, check_steps, discover_checkpoints, parse_checkpoint_args
 from relex.trajectory.peft import AdapterReader, is_adapter_folder
 from relex.trajectory.reader import CheckpointReader, TensorSpec
@@ -77,11 +75,11 @@ class Trajectory:
                 self._readers[folder] = CheckpointReader(folder, self.allow_pickle)
         return self._readers[folder]
 
-    def deltas(self, name: str, device: str | torch.device = "cpu",
-               buffer: torch.Tensor | None = None) -> TensorDeltas:
-        """One tensor's deltas over the checkpoints, read one checkpoint at a time (``buffer``: see TensorDeltas)."""
-        return TensorDeltas(self.reader(self.base), [self.reader(c.path) for c in self.checkpoints], name, device,
-                            buffer)
+    def deltas(self, name: str, block_bytes: int, buffers: BufferPool | None = None) -> ReadDeltas:
+        """One tensor's deltas over the checkpoints, read in row blocks of at most ``block_bytes`` (see ReadDeltas;
+        ``buffers``: where the blocks land, a fresh CPU pool by default)."""
+        return ReadDeltas(self.reader(self.base), [self.reader(c.path) for c in self.checkpoints], name, block_bytes,
+                          buffers or BufferPool())
 
     def base_config(self) -> dict:
         path = self.base / "config.json"
