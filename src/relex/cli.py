@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: input's)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    ex.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local (default): this process; ray: Ray tasks on every node that sees the files, "
+                         "same output bytes (pip install 'relex[ray]'; docs/ray.md)")
+    ex.add_argument("--ray-address", metavar="ADDRESS",
+                    help="--executor ray: the cluster to join, as ray.init takes it (auto, HOST:PORT; default: "
+                         "RAY_ADDRESS, else a cluster `ray start` began here, else a new local instance)")
     ex.add_argument("--auto", action="store_true",
                     help="choose trend, window offset and rank by backtest; refuse targets beyond its safe horizon")
     ex.add_argument("--max-error", type=float, default=0.5,
@@ -196,7 +202,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
     folders = extrapolate(method, args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype, **_engine_options(args), run_info=run_info, **options)
+                          dtype=args.dtype, **_engine_options(args), run_info=run_info, executor=args.executor,
+                          ray_address=args.ray_address, **options)
     if not args.quiet:
         for folder in folders:
             print(folder)

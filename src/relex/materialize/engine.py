@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -87,11 +87,13 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
                 overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                 memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
                 progress: bool = True, run_info: dict | None = None,
-                stats: dict[str, TensorStats] | None = None) -> list[Path]:
+                stats: dict[str, TensorStats] | None = None, executor: str = "local",
+                ray_address: str | None = None) -> list[Path]:
     """Write ``out_dir/step-{T}`` for each target T from a fitted method: a loadable HF model folder each.
 
     The method's own observed trajectory (``method.fit``'s) is read; returns the folders. ``stats`` (from
-    ``compute_stats`` on that trajectory) skips the Gram pass, cache or not.
+    ``compute_stats`` on that trajectory) skips the Gram pass, cache or not. ``executor="ray"`` computes the
+    tensors in Ray tasks (``ray_address``: ``ray.init``'s) with the same bytes written (``ray_executor``).
     """
     trajectory = getattr(method, "trajectory_", None)
     if trajectory is None:
@@ -115,6 +117,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
     store = _cache(trajectory, cache)
     loaded = stats or (store.load(trajectory.steps) if store else None) or {}
     stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device), n_outputs=len(targets))
+    materialize = _executor(executor, method, device, ray_address)
     _warn_if_inside_run(out_dir, trajectory)
     created_root = not out_dir.exists()
     writers: list[ModelFolderWriter] = []
@@ -127,10 +130,8 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
         total = sum(_pass_bytes(specs[n], len(trajectory.steps)) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
-            for name in order:
-                cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
-                stats[name] = _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets,
-                                                  cached, writers)
+            for name, tensor_stats in materialize(stream, method, specs, out_dtype, targets, loaded, writers):
+                stats[name] = tensor_stats
                 bar.update(_pass_bytes(specs[name], len(trajectory.steps)) * passes[name])
         if store and not loaded:
             store.save(stats, trajectory.steps)
@@ -146,6 +147,26 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return folders
+
+
+def _executor(executor: str, method: Method, device: str, ray_address: str | None) -> Callable[..., Iterator]:
+    """The function that computes every tensor and hands it to the writers, checked before any output exists."""
+    if executor == "local":
+        return materialize_locally
+    if executor == "ray":
+        from relex.materialize.ray_executor import RayExecutor
+
+        return RayExecutor(method, device, ray_address).materialize
+    raise RelexError(f"--executor {executor}: choose local or ray")
+
+
+def materialize_locally(stream: DeltaStream, method: Method, specs: dict[str, TensorSpec],
+                        out_dtype: dict[str, torch.dtype], targets: list[int], loaded: dict[str, TensorStats],
+                        writers: list[ModelFolderWriter]) -> Iterator[tuple[str, TensorStats]]:
+    """The local executor: tensor by tensor in the writers' order, in this process; yields each one's statistics."""
+    for name in writers[0].order:
+        cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
+        yield name, _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets, cached, writers)
 
 
 def _warn_if_inside_run(out_dir: Path, trajectory: Trajectory) -> None:

@@ -1,0 +1,73 @@
+"""``relex extrapolate --executor ray`` on a local Ray instance writes the local executor's files byte for byte."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from relex.cli import main
+from relex.materialize.stream import FIXED_OVERHEAD
+
+# 20 kB above the fixed overhead: the pico model's MLP weights and embedding take two or three row blocks
+ROW_BLOCK_BUDGET = str(FIXED_OVERHEAD + 20_000)
+
+
+@pytest.fixture(scope="module")
+def ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def extrapolate(base: Path, run: Path, out: Path, *extra) -> None:
+    args = ["extrapolate", "--base", base, "--run", run, "--cutoff", 13, "--target", 30, "--target", 60,
+            "--out", out, "--dtype", "bfloat16", "--max-shard-size", "4KB", "--memory-budget", ROW_BLOCK_BUDGET,
+            "-q", *extra]
+    assert main([str(a) for a in args]) == 0
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cached_stats(folder: Path) -> tuple[dict, dict[str, bytes]]:
+    """A statistics cache's metadata and tensor bytes (safetensors orders the metadata differently per process)."""
+    [path] = folder.glob("stats-*.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata(), {key: handle.get_tensor(key).numpy().tobytes() for key in handle.keys()}
+
+
+def test_ray_writes_the_local_bytes_cached_or_not(ray, pico, tmp_path):
+    base, run, _ = pico
+    extrapolate(base, run, tmp_path / "local", "--cache", tmp_path / "local-cache")
+    extrapolate(base, run, tmp_path / "ray", "--executor", "ray", "--cache", tmp_path / "ray-cache")
+    local = files(tmp_path / "local")
+    assert len([name for name in local if name.endswith(".safetensors")]) > 2
+    assert files(tmp_path / "ray") == local
+    assert cached_stats(tmp_path / "ray-cache") == cached_stats(tmp_path / "local-cache")  # saved by the driver
+    extrapolate(base, run, tmp_path / "warm", "--executor", "ray", "--cache", tmp_path / "ray-cache")
+    assert files(tmp_path / "warm") == local  # weights from cached statistics, no Gram tasks
+
+
+def test_ray_refuses_whole_checkpoint_methods(ray, pico, tmp_path, capsys):
+    base, run, _ = pico
+    code = main(["extrapolate", "--base", str(base), "--run", str(run), "--target", "30", "--out",
+                 str(tmp_path / "out"), "--method", "alpharl", "--executor", "ray", "--no-cache", "-q"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "relex: error: --method alpharl reads whole checkpoints per tensor: it runs with --executor local only"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_ray_installed_one_line_names_the_extra(pico, tmp_path, capsys, monkeypatch):
+    base, run, _ = pico
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    code = main(["extrapolate", "--base", str(base), "--run", str(run), "--target", "30", "--out",
+                 str(tmp_path / "out"), "--executor", "ray", "-q"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "relex: error: --executor ray needs Ray, an optional extra: pip install 'relex[ray]'"]
