@@ -1,4 +1,4 @@
-"""``relex extrapolate --executor ray`` on a local Ray instance writes the local executor's files byte for byte."""
+"""``--executor ray`` on a local Ray instance: the local executor's files byte for byte, and its statistics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from relex import Trajectory, compute_stats
 from relex.cli import main
 from relex.materialize.stream import FIXED_OVERHEAD
 
@@ -51,6 +52,16 @@ def test_ray_writes_the_local_bytes_cached_or_not(ray, pico, tmp_path):
     assert cached_stats(tmp_path / "ray-cache") == cached_stats(tmp_path / "local-cache")  # saved by the driver
     extrapolate(base, run, tmp_path / "warm", "--executor", "ray", "--cache", tmp_path / "ray-cache")
     assert files(tmp_path / "warm") == local  # weights from cached statistics, no Gram tasks
+
+
+def test_ray_statistics_are_the_local_ones(ray, pico):
+    base, run, _ = pico
+    trajectory = Trajectory.discover(base, run)
+    local = compute_stats(trajectory, memory_budget=ROW_BLOCK_BUDGET, cache=False, progress=False)
+    remote = compute_stats(trajectory, memory_budget=ROW_BLOCK_BUDGET, cache=False, progress=False, executor="ray")
+    assert list(remote) == list(local)
+    assert all(remote[n].gram.tobytes() == local[n].gram.tobytes() and remote[n].shape == local[n].shape
+               for n in local)
 
 
 def test_ray_refuses_whole_checkpoint_methods(ray, pico, tmp_path, capsys):

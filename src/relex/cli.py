@@ -34,6 +34,12 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="statistics cache folder (default ~/.cache/relex)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: Ray tasks on every node that sees the files, "
+                        "same results (pip install 'relex[ray]'; docs/ray.md)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="--executor ray: the cluster to join, as ray.init takes it (auto, HOST:PORT; default: "
+                        "RAY_ADDRESS, else a cluster `ray start` began here, else a new local instance)")
     _add_verbosity(p)
 
 
@@ -97,12 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: input's)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace existing output folders")
-    ex.add_argument("--executor", choices=["local", "ray"], default="local",
-                    help="local (default): this process; ray: Ray tasks on every node that sees the files, "
-                         "same output bytes (pip install 'relex[ray]'; docs/ray.md)")
-    ex.add_argument("--ray-address", metavar="ADDRESS",
-                    help="--executor ray: the cluster to join, as ray.init takes it (auto, HOST:PORT; default: "
-                         "RAY_ADDRESS, else a cluster `ray start` began here, else a new local instance)")
     ex.add_argument("--auto", action="store_true",
                     help="choose trend, window offset and rank by backtest; refuse targets beyond its safe horizon")
     ex.add_argument("--max-error", type=float, default=0.5,
@@ -169,7 +169,8 @@ def _trajectory(args: argparse.Namespace):
 
 def _engine_options(args: argparse.Namespace) -> dict:
     return {"memory_budget": args.memory_budget, "device": args.device,
-            "cache": False if args.no_cache else args.cache, "progress": not args.quiet}
+            "cache": False if args.no_cache else args.cache, "progress": not args.quiet,
+            "executor": args.executor, "ray_address": args.ray_address}
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> int:
@@ -202,8 +203,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
     folders = extrapolate(method, args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype, **_engine_options(args), run_info=run_info, executor=args.executor,
-                          ray_address=args.ray_address, **options)
+                          dtype=args.dtype, **_engine_options(args), run_info=run_info, **options)
     if not args.quiet:
         for folder in folders:
             print(folder)

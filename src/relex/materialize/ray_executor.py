@@ -39,22 +39,26 @@ TASKS_PER_CPU = 2  # tasks queued per CPU of the cluster, so a CPU that finishes
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every task of one ``extrapolate`` needs, put in the object store once."""
+    """What every task of one run needs, put in the object store once."""
 
-    method: Method  # fitted; its trajectory carries absolute paths and no readers
+    trajectory: Trajectory  # absolute paths, no readers
+    method: Method | None  # fitted (for a tensor's weights from its own read); None for statistics only
     targets: list[int]
     budget: int  # the local executor's memory budget: the same row blocks, hence the same sums
     version: str  # the driver's relex: a node running another one could write other bytes
     key: str  # tells this run's tasks from another's in a reused worker process
 
 
-def _portable(method: Method) -> Method:
-    """A copy of the fitted method whose trajectory names its folders by absolute path and holds no readers."""
-    trajectory = method.trajectory_
+def _portable(trajectory: Trajectory) -> Trajectory:
+    """The trajectory with its folders named by absolute path and no readers: cheap to ship, valid on any node."""
+    return Trajectory(trajectory.base.resolve(), [replace(c, path=c.path.resolve()) for c in trajectory.checkpoints],
+                      trajectory.allow_pickle, trajectory.run)
+
+
+def _portable_method(method: Method, trajectory: Trajectory) -> Method:
+    """A copy of the fitted method whose trajectory is ``trajectory`` (readers stay on the driver)."""
     clone = copy.copy(method)
-    clone.trajectory_ = Trajectory(trajectory.base.resolve(),
-                                   [replace(c, path=c.path.resolve()) for c in trajectory.checkpoints],
-                                   trajectory.allow_pickle, trajectory.run)
+    clone.trajectory_ = trajectory
     return clone
 
 
@@ -68,7 +72,7 @@ def _worker_stream(context: RunContext) -> DeltaStream:
             raise RelexError(f"a Ray worker runs relex {relex.__version__}, the driver {context.version}: "
                              "install the same relex on every node")
         _WORKER_STREAM.clear()
-        _WORKER_STREAM[context.key] = DeltaStream(context.method.trajectory_, context.budget, "cpu",
+        _WORKER_STREAM[context.key] = DeltaStream(context.trajectory, context.budget, "cpu",
                                                   n_outputs=len(context.targets))
     return _WORKER_STREAM[context.key]
 
@@ -116,10 +120,10 @@ class _TensorWork:
 
 
 class RayExecutor:
-    """Computes the tensors in Ray tasks and writes them here, in the writers' order."""
+    """Computes the tensors' statistics, or their outputs too, in Ray tasks; the driver writes, in order."""
 
-    def __init__(self, method: Method, device: str, address: str | None) -> None:
-        """Refuse what the Ray executor does not do before any output exists; ``address`` is ``ray.init``'s."""
+    def __init__(self, method: Method | None, device: str, address: str | None) -> None:
+        """Refuse what the Ray executor does not do before any work starts; ``address`` is ``ray.init``'s."""
         try:
             import ray
         except ImportError:
@@ -132,13 +136,22 @@ class RayExecutor:
         self.ray = ray
         self.address = address
 
+    def statistics(self, stream: DeltaStream, specs: dict[str, TensorSpec]) -> Iterator[tuple[str, TensorStats]]:
+        """Every tensor's Gram statistics (one task per row block, summed here in block order), in ``specs``' order."""
+        started = self._connect()
+        try:
+            yield from _Statistics(self.ray, stream, specs).run()
+        finally:
+            if started:
+                self.ray.shutdown()
+
     def materialize(self, stream: DeltaStream, method: Method, specs: dict[str, TensorSpec],
                     out_dtype: dict[str, torch.dtype], targets: list[int], loaded: dict[str, TensorStats],
                     writers: list[ModelFolderWriter]) -> Iterator[tuple[str, TensorStats]]:
         """Write every tensor, yielding each one's statistics in the writers' order (as the local executor)."""
         started = self._connect()
         try:
-            yield from _Schedule(self.ray, stream, method, specs, out_dtype, targets, loaded, writers).run()
+            yield from _Writing(self.ray, stream, method, specs, out_dtype, targets, loaded, writers).run()
         finally:
             if started:
                 self.ray.shutdown()
@@ -159,22 +172,21 @@ class RayExecutor:
         return True
 
 
-class _Schedule:
-    """The driver's loop: ask for blocks in the writers' order while the window has room, write the head."""
+class _Tasks:
+    """The driver's side of one run: the shared context, the task functions and the window's counters."""
 
-    def __init__(self, ray: Any, stream: DeltaStream, method: Method, specs: dict[str, TensorSpec],
-                 out_dtype: dict[str, torch.dtype], targets: list[int], loaded: dict[str, TensorStats],
-                 writers: list[ModelFolderWriter]) -> None:
-        self.ray, self.stream, self.method, self.specs = ray, stream, method, specs
-        self.out_dtype, self.targets, self.loaded, self.writers = out_dtype, targets, loaded, writers
-        self.context = ray.put(RunContext(_portable(method), targets, stream.budget, relex.__version__,
+    def __init__(self, ray: Any, stream: DeltaStream, specs: dict[str, TensorSpec], method: Method | None = None,
+                 targets: list[int] | None = None) -> None:
+        self.ray, self.stream, self.specs = ray, stream, specs
+        trajectory = _portable(stream.trajectory)
+        shipped = _portable_method(method, trajectory) if method is not None else None
+        self.context = ray.put(RunContext(trajectory, shipped, targets or [], stream.budget, relex.__version__,
                                           uuid.uuid4().hex))
         self._check_memory()
         self.gram_task = ray.remote(gram_task).options(memory=stream.budget)
         self.values_task = ray.remote(values_task).options(memory=stream.budget)
         self.max_tasks = max(1, int(ray.cluster_resources().get("CPU", 1) * TASKS_PER_CPU))
         self.in_flight = 0  # tasks asked for whose answers are not used yet
-        self.held = 0  # bytes of output asked for and not yet written: at most one budget (or one block)
 
     def _check_memory(self) -> None:
         """Each task asks Ray for one budget of memory: refuse a budget no node has rather than wait forever."""
@@ -182,6 +194,64 @@ class _Schedule:
         if largest < self.stream.budget:
             raise RelexError(f"--memory-budget {self.stream.budget} bytes: no Ray node has that much memory for one "
                              f"task (largest {int(largest)}); lower the budget")
+
+    def _grams(self, name: str) -> list[Any]:
+        """One Gram task per row block of the tensor."""
+        tasks = [self.gram_task.remote(self.context, name, r0, r1) for r0, r1 in self.stream.blocks(self.specs[name])]
+        self.in_flight += len(tasks)
+        return tasks
+
+    def _summed(self, name: str, tasks: list[Any]) -> TensorStats:
+        """The statistics of a tensor from its Gram tasks, summed in block order as ``DeltaStream.stats`` sums."""
+        grams = self._get(tasks)
+        self.in_flight -= len(tasks)
+        return self.stream.checked_stats(name, self.specs[name], sum(grams))
+
+    def _cancel(self, tasks: list[Any]) -> None:
+        for task in tasks:
+            self.ray.cancel(task)
+
+    def _get(self, tasks: Any) -> Any:
+        """``ray.get``, raising a task's own RelexError or OSError as it is (one line for the CLI)."""
+        try:
+            return self.ray.get(tasks)
+        except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, (RelexError, OSError)):
+                raise exc.cause from None
+            raise
+
+
+class _Statistics(_Tasks):
+    """Gram tasks for every tensor, a window of them in flight, the sums yielded in order."""
+
+    def run(self) -> Iterator[tuple[str, TensorStats]]:
+        names = iter(self.specs)
+        pending: deque[tuple[str, list[Any]]] = deque()
+        try:
+            while True:
+                while self.in_flight < self.max_tasks and (name := next(names, None)) is not None:
+                    pending.append((name, self._grams(name)))
+                if not pending:
+                    return
+                name, tasks = pending[0]
+                stats = self._summed(name, tasks)
+                pending.popleft()
+                yield name, stats
+        except BaseException:
+            self._cancel([task for _, tasks in pending for task in tasks])
+            raise
+
+
+class _Writing(_Tasks):
+    """Ask for blocks in the writers' order while the window has room, write the head tensor's as they come."""
+
+    def __init__(self, ray: Any, stream: DeltaStream, method: Method, specs: dict[str, TensorSpec],
+                 out_dtype: dict[str, torch.dtype], targets: list[int], loaded: dict[str, TensorStats],
+                 writers: list[ModelFolderWriter]) -> None:
+        super().__init__(ray, stream, specs, method, targets)
+        self.method, self.out_dtype, self.targets = method, out_dtype, targets
+        self.loaded, self.writers = loaded, writers
+        self.held = 0  # bytes of output asked for and not yet written: at most one budget (or one block)
 
     def run(self) -> Iterator[tuple[str, TensorStats]]:
         names = iter(self.writers[0].order)
@@ -195,9 +265,7 @@ class _Schedule:
                     work = active.popleft()
                     yield work.name, work.stats
         except BaseException:
-            for work in active:
-                for task in work.grams + [task for task, _ in work.values]:
-                    self.ray.cancel(task)
+            self._cancel([task for work in active for task in work.grams + [task for task, _ in work.values]])
             raise
 
     def _fill(self, active: deque[_TensorWork], names: Iterator[str]) -> None:
@@ -229,8 +297,7 @@ class _Schedule:
         elif work.stats is not None:
             work.weights = self.method.weights(work.stats, self.targets)
         elif len(blocks) > 1:
-            work.grams = [self.gram_task.remote(self.context, name, r0, r1) for r0, r1 in blocks]
-            self.in_flight += len(work.grams)
+            work.grams = self._grams(name)
         return work
 
     def _block_bytes(self, work: _TensorWork) -> int:
@@ -252,10 +319,8 @@ class _Schedule:
                                              self.targets, work.stats, self.writers)
             return True
         if work.grams:
-            grams = self._get(work.grams)
-            self.in_flight -= len(work.grams)
+            work.stats = self._summed(work.name, work.grams)
             work.grams = []
-            work.stats = self.stream.checked_stats(work.name, work.spec, sum(grams))
             work.weights = self.method.weights(work.stats, self.targets)
             return False
         if not work.values:
@@ -272,12 +337,3 @@ class _Schedule:
         self.in_flight -= 1
         self.held -= nbytes
         return not work.blocks and not work.values
-
-    def _get(self, tasks: Any) -> Any:
-        """``ray.get``, raising a task's own RelexError or OSError as it is (one line for the CLI)."""
-        try:
-            return self.ray.get(tasks)
-        except self.ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, (RelexError, OSError)):
-                raise exc.cause from None
-            raise
