@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from relex import Trajectory, compute_stats
 from relex.cli import main
@@ -62,6 +63,24 @@ def test_ray_statistics_are_the_local_ones(ray, pico):
     assert list(remote) == list(local)
     assert all(remote[n].gram.tobytes() == local[n].gram.tobytes() and remote[n].shape == local[n].shape
                for n in local)
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.layers.0.mlp.gate_proj.weight"])
+def test_nan_in_a_checkpoint_is_the_local_one_line(ray, pico, tmp_path, capsys, name):
+    """Found in a task (a tensor in one block) or by the driver (summed over row blocks): the same line."""
+    base, run, _ = pico
+    path = run / "checkpoint-5" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, str(path))
+    errors = []
+    for executor in ("local", "ray"):
+        code = main(["extrapolate", "--base", str(base), "--run", str(run), "--target", "30", "--out",
+                     str(tmp_path / executor), "--memory-budget", ROW_BLOCK_BUDGET, "--executor", executor,
+                     "--no-cache", "-q"])
+        assert code == 2 and not (tmp_path / executor).exists()
+        errors.append(capsys.readouterr().err.strip().splitlines())
+    assert errors[0] == errors[1] == [f"relex: error: {path}: tensor '{name}' contains NaN or Inf"]
 
 
 def test_ray_refuses_whole_checkpoint_methods(ray, pico, tmp_path, capsys):
