@@ -165,7 +165,8 @@ class RayExecutor:
         try:
             self.ray.init(address=self.address, logging_level=logging.getLogger("relex").getEffectiveLevel())
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise RelexError(f"--ray-address {self.address}: cannot join a Ray cluster ({exc})") from None
+            reason = " ".join(str(exc).split())  # one line, whatever Ray's message holds
+            raise RelexError(f"--ray-address {self.address}: cannot join a Ray cluster ({reason})") from None
         finally:
             if handler is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, handler)
