@@ -1,13 +1,16 @@
-"""Benchmark ``relex extrapolate`` on a synthetic bf16 run with a real model's tensor shapes.
+"""Benchmark ``relex extrapolate`` on a synthetic bf16 or fp32 run with a real model's tensor shapes.
 
 Generates base + T checkpoints (rank-1 linear drift plus noise) in a scratch folder, then for each
 memory budget runs ``cat`` over the same input files and ``relex extrapolate`` as subprocesses,
 reporting wall time, the ratio to ``cat``, and peak memory: RssAnon (the process's own memory, which
 the budget bounds) and total RSS (which also counts touched pages of memory-mapped input files).
+``--budget whole`` holds the largest tensor's whole stack, ``--budget eighth`` an eighth of it.
+``--reference`` also times the public RELEX reference pipeline's algorithm (re-implemented from its
+description in reference_pipeline.py: a float16 delta store on disk, then a float32 SVD per tensor).
 Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
     python benchmarks/bench_extrapolate.py --model small
-    python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
+    python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --dtype float32 --budget whole --budget eighth --reference
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 import psutil
 import torch
 from safetensors.torch import save_file
+
+from relex.units import parse_size
 
 MODELS = {
     # name: (vocab, hidden, layers, intermediate, heads, kv_heads, tied)
@@ -51,16 +56,16 @@ def model_shapes(name: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate(folder: Path, model: str, steps: list[int]) -> int:
-    """Write base/ and run/checkpoint-N/ in bf16; returns the number of parameters."""
+def generate(folder: Path, model: str, steps: list[int], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Write base/ and run/checkpoint-N/ in ``dtype``; returns the number of parameters."""
     vocab, hidden, layers, inter, heads, kv, tied = MODELS[model]
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
               "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
               "num_attention_heads": heads, "num_key_value_heads": kv, "tie_word_embeddings": tied,
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "dtype": "bfloat16"}
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "dtype": str(dtype).removeprefix("torch.")}
     gen = torch.Generator().manual_seed(0)
     shapes = model_shapes(model)
-    base = {n: (0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16) for n, s in shapes.items()}
+    base = {n: (0.02 * torch.randn(s, generator=gen)).to(dtype) for n, s in shapes.items()}
     direction = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in shapes.items()}
     pool = {n: torch.randn(t.numel() + len(steps), generator=gen).to(torch.bfloat16) for n, t in base.items()}
     for sub, tensors in [("base", base)] + [(f"run/checkpoint-{s}", None) for s in steps]:
@@ -69,7 +74,7 @@ def generate(folder: Path, model: str, steps: list[int]) -> int:
         if tensors is None:
             step = int(sub.rsplit("-", 1)[1])
             tensors = {n: (t.float() + 2e-4 * step * direction[n].float()
-                           + 5e-4 * pool[n][step:step + t.numel()].float().view(t.shape)).to(torch.bfloat16)
+                           + 5e-4 * pool[n][step:step + t.numel()].float().view(t.shape)).to(dtype)
                        for n, t in base.items()}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(config))
@@ -102,12 +107,44 @@ def measure(cmd: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss": peak["rss"], "peak_anon": peak["anon"]}
 
 
+def named_budget(budget: str, run: Path) -> str:
+    """``whole``: what holds the largest tensor's whole stack (and one output); ``eighth``: an eighth of that."""
+    if budget not in ("whole", "eighth"):
+        return budget
+    from relex.materialize.stream import FIXED_OVERHEAD, DeltaStream
+    from relex.trajectory import Trajectory
+
+    trajectory = Trajectory.discover(run / "base", run / "run")
+    stream = DeltaStream(trajectory, 0, n_outputs=1)
+    stack = max(stream.bytes_per_element(s) * s.numel for s in trajectory.tensor_specs().values())
+    return str(FIXED_OVERHEAD + (stack if budget == "whole" else -(-stack // 8)))
+
+
+def time_reference(scratch: Path, target_index: int) -> dict:
+    """The reference pipeline's two stages (reference_pipeline.py), each timed as a subprocess."""
+    script = str(Path(__file__).with_name("reference_pipeline.py"))
+    store, out = scratch / "reference-deltas", scratch / "reference-out"
+    pre = measure([sys.executable, script, "precompute", str(scratch / "base"), str(scratch / "run"), str(store)])
+    ext = measure([sys.executable, script, "extrapolate", str(scratch / "base"), str(store), str(out),
+                   "--target-index", str(target_index)])
+    store_bytes = sum(f.stat().st_size for f in store.iterdir())
+    shutil.rmtree(store)
+    shutil.rmtree(out)
+    return {"reference_seconds": pre["seconds"] + ext["seconds"], "reference_precompute_seconds": pre["seconds"],
+            "reference_svd_seconds": ext["seconds"], "reference_peak_anon_bytes": max(pre["peak_anon"], ext["peak_anon"]),
+            "reference_store_bytes": store_bytes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored dtype of the run")
     parser.add_argument("--checkpoints", type=int, default=16, help="T, the number of observed checkpoints")
-    parser.add_argument("--budget", action="append", help="memory budgets to run (default: 2GB and 256MB)")
+    parser.add_argument("--budget", action="append",
+                        help="memory budgets to run: a size, 'whole' or 'eighth' (default: 2GB and 256MB)")
     parser.add_argument("--method", default="relex", help="relex extrapolate --method (default relex)")
+    parser.add_argument("--reference", action="store_true", help="also time the reference pipeline's algorithm")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each timing; the fastest is reported")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
     args = parser.parse_args()
@@ -116,30 +153,40 @@ def main() -> None:
     try:
         steps = list(range(1, args.checkpoints + 1))
         t0 = time.perf_counter()
-        params = generate(scratch, args.model, steps)
-        print(f"generated {args.model}: {params / 1e6:.1f}M params, bf16, {len(steps)} checkpoints "
+        params = generate(scratch, args.model, steps, getattr(torch, args.dtype))
+        print(f"generated {args.model}: {params / 1e6:.1f}M params, {args.dtype}, {len(steps)} checkpoints "
               f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         files = [str(scratch / "base" / "model.safetensors")] + [
             str(scratch / "run" / f"checkpoint-{s}" / "model.safetensors") for s in steps]
         input_bytes = sum(os.path.getsize(f) for f in files)
+        target = 4 * len(steps)
+        reference = time_reference(scratch, target - 1) if args.reference else {}
         rows = []
-        for budget in budgets:
-            cat = measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
-            out = scratch / f"out-{budget}"
-            run = measure([sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"),
-                           "--run", str(scratch / "run"), "--target", str(4 * len(steps)), "--out", str(out),
-                           "--memory-budget", budget, "--method", args.method, "--no-cache", "-q"])
+        for name in budgets:
+            budget = named_budget(name, scratch)
+            out = scratch / f"out-{name}"
+            cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
+                   str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget", budget,
+                   "--method", args.method, "--no-cache", "-q", "--overwrite"]
+            cat = min((measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]) for _ in range(args.repeat)),
+                      key=lambda r: r["seconds"])
+            run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
             shutil.rmtree(out)
-            rows.append({"model": args.model, "method": args.method, "params": params, "checkpoints": len(steps), "budget": budget,
+            rows.append({"model": args.model, "dtype": args.dtype, "method": args.method, "params": params,
+                         "checkpoints": len(steps), "budget": name, "budget_bytes": int(parse_size(budget)),
                          "input_bytes": input_bytes, "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
                          "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
-                         "peak_rss_bytes": run["peak_rss"]})
-        print(f"{'model':14} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} {'ratio':>6} "
-              f"{'peak anon':>10} {'peak rss':>10}")
+                         "peak_rss_bytes": run["peak_rss"], **reference})
+        print(f"{'model':14} {'dtype':8} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} {'ratio':>6} "
+              f"{'peak anon':>10} {'peak rss':>10}" + (f" {'ref s':>7} {'ref/relex':>9} {'ref anon':>9}" if reference else ""))
         for r in rows:
-            print(f"{r['model']:14} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G {r['cat_seconds']:>7.2f} "
-                  f"{r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} {r['peak_anon_bytes'] / 1e6:>9.0f}M "
-                  f"{r['peak_rss_bytes'] / 1e6:>9.0f}M")
+            line = (f"{r['model']:14} {r['dtype']:8} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G {r['cat_seconds']:>7.2f} "
+                    f"{r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} {r['peak_anon_bytes'] / 1e6:>9.0f}M "
+                    f"{r['peak_rss_bytes'] / 1e6:>9.0f}M")
+            if reference:
+                line += (f" {r['reference_seconds']:>7.1f} {r['reference_seconds'] / r['relex_seconds']:>9.1f} "
+                         f"{r['reference_peak_anon_bytes'] / 1e6:>8.0f}M")
+            print(line)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                      "memory_bytes": psutil.virtual_memory().total},

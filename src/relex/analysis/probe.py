@@ -96,11 +96,9 @@ class WeightLoader:
                 continue  # integer buffers are not trained
             row = np.asarray(weights[name] if isinstance(weights, dict) else weights, dtype=np.float64)[None, :]
             for r0, r1 in stream.blocks(spec):
-                stack, base = stream.read(name, r0, r1)
-                values = stream.weighted_sums(stack, base, row)[0]
+                [values] = stream.load(name, r0, r1).weighted_sums(row, [target[r0 * spec.row_numel:r1 * spec.row_numel]])
                 if not bool(torch.isfinite(values).all()):
                     raise RelexError(f"probe: tensor '{name}' would hold Inf or NaN in a predicted checkpoint")
-                target[r0 * spec.row_numel:r1 * spec.row_numel].copy_(values.to(target.dtype))
 
 
 class Probe:

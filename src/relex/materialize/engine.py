@@ -204,9 +204,10 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
                 writer.weights.write(name, block.to(dtype))
         return cached or stream.stats(name, spec)
     if isinstance(method, DirectMethod):  # whole checkpoints: the stack in one read when it fits, else one by one
-        if len(blocks) == 1:
-            stack, base = stream.read(name, 0, spec.rows)
-            stats = cached or stream.stats(name, spec, stack)
+        if len(stream.blocks(spec, stacked=True)) == 1:
+            block = stream.load(name, 0, spec.rows)
+            stats = cached or stream.stats(name, spec, block)
+            stack, base = stream.stacked(block)
             deltas = stack.view((-1,) + spec.shape)
         else:
             stats = cached or stream.stats(name, spec)
@@ -215,16 +216,16 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
         for target, writer, delta in zip(targets, writers, method.predict_deltas(name, deltas, stats.steps, targets)):
             _write(writer, name, stream.cast(delta.reshape(-1) + base, dtype, spec.shape), target)
         return stats
-    stack = None
+    block = None
     if len(blocks) == 1 and cached is None:
-        stack, base = stream.read(name, *blocks[0])
-    stats = cached or stream.stats(name, spec, stack)
+        block = stream.load(name, *blocks[0])
+    stats = cached or stream.stats(name, spec, block)
     weights = method.weights(stats, targets)
     for r0, r1 in blocks:
-        if stack is None or len(blocks) > 1:
-            stack, base = stream.read(name, r0, r1)
-        sums = stream.weighted_sums(stack, base, weights)
+        if block is None or len(blocks) > 1:
+            block = stream.load(name, r0, r1)
         shape = (r1 - r0,) + spec.shape[1:] if spec.shape else ()
-        for j, (target, writer) in enumerate(zip(targets, writers)):
-            _write(writer, name, stream.cast(sums[j], dtype, shape), target)
+        outs = block.weighted_sums(weights, stream.outputs(dtype, block.numel))
+        for target, writer, values in zip(targets, writers, outs):
+            _write(writer, name, values.view(shape), target)
     return stats

@@ -26,10 +26,9 @@ import torch
 import relex
 from relex.errors import RelexError
 from relex.materialize.engine import _materialize_tensor, _write
-from relex.materialize.rounding import cast_into
 from relex.materialize.stream import DeltaStream
 from relex.methods.base import DirectMethod, Method
-from relex.stats.gram import TensorStats, gram_of
+from relex.stats.gram import TensorStats
 from relex.trajectory import TensorSpec, Trajectory
 from relex.writer import ModelFolderWriter
 
@@ -79,7 +78,7 @@ def _worker_stream(context: RunContext) -> DeltaStream:
 
 def gram_task(context: RunContext, name: str, r0: int, r1: int) -> np.ndarray:
     """Ray task: the Gram matrix of rows r0:r1's deltas, summed by the driver in block order."""
-    return gram_of(_worker_stream(context).read(name, r0, r1)[0]).numpy()
+    return _worker_stream(context).load(name, r0, r1).gram().numpy()
 
 
 def values_task(context: RunContext, name: str, r0: int, r1: int, weights: np.ndarray | None,
@@ -87,17 +86,15 @@ def values_task(context: RunContext, name: str, r0: int, r1: int, weights: np.nd
     """Ray task: every target's output bytes for rows r0:r1 (one row each). Without ``weights`` (a tensor in
     one block, no statistics yet) its statistics come from the same read, and the weights from them."""
     stream = _worker_stream(context)
-    stack, base = stream.read(name, r0, r1)
+    block = stream.load(name, r0, r1)
     stats = None
     if weights is None:
-        stats = stream.stats(name, stream.base.specs[name], stack)
+        stats = stream.stats(name, stream.base.specs[name], block)
         weights = context.method.weights(stats, context.targets)
     else:
         weights = weights.copy()  # the object store's arrays are read-only, torch wants them writable
-    sums = stream.weighted_sums(stack, base, weights)
-    out = np.empty((sums.shape[0], sums.shape[1] * dtype.itemsize), dtype=np.uint8)
-    for j in range(sums.shape[0]):
-        cast_into(torch.from_numpy(out[j]).view(dtype), sums[j])
+    out = np.empty((len(context.targets), block.numel * dtype.itemsize), dtype=np.uint8)
+    block.weighted_sums(weights, [torch.from_numpy(row).view(dtype) for row in out])
     return stats, out
 
 

@@ -1,24 +1,85 @@
-"""Read one tensor's delta stack from every observed checkpoint, in row blocks that fit a memory budget.
+"""Read one tensor's rows from every observed checkpoint, in row blocks that fit a memory budget.
 
-A block of rows r0:r1 becomes a T x n float64 matrix of deltas W_t - W_0. Upcasting bf16, fp16 or
-fp32 to float64 is exact and so is the subtraction: the deltas are the stored values' exact
-differences, and the Gram matrix and weighted sums are reduced in float64. Every reader gives its
-delta (``read_delta``): a LoRA checkpoint's is B @ A * scale, never a rounded W_0 + delta minus W_0.
-The stack lives in a reused buffer (no per-tensor allocation), so memory stays at the budget whatever
-the model size.
+A block keeps the rows as stored (bf16, fp16 or fp32 bytes: no float64 copy of the whole stack) and
+makes float64 deltas W_t - W_0 a chunk of columns at a time, small enough to stay in the core's cache
+while the Gram matrix or the weighted sums use them. Upcasting to float64 is exact and so is the
+subtraction: the deltas are the stored values' exact differences, and the Gram matrix and weighted sums
+are reduced in float64. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and
+is kept as such, never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation),
+so memory stays at the budget whatever the model size.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from relex.errors import RelexError
-from relex.materialize.rounding import cast_into
+from relex.materialize.rounding import cast_into, round_once
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import TensorDeltas, TensorSpec, Trajectory
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
+CHUNK_BYTES = 1 << 20      # float64 bytes of one chunk of deltas on the CPU (T x columns): cache-sized
+
+
+class Block:
+    """Rows r0:r1 of one tensor in the base and every observed checkpoint, with float64 deltas by chunk.
+
+    ``rows`` holds the checkpoints' stored values ((T+1) x n, base first) when every checkpoint stores its
+    weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``).
+    """
+
+    def __init__(self, rows: torch.Tensor, holds_deltas: bool, base: torch.Tensor, device: torch.device,
+                 scratch: torch.Tensor) -> None:
+        self.rows, self.holds_deltas, self.base, self.device = rows, holds_deltas, base, device
+        self.n_steps = rows.shape[0] - (0 if holds_deltas else 1)
+        self.numel = rows.shape[1]
+        self.scratch = scratch  # float64, (T+1) x chunk columns
+
+    @property
+    def chunk(self) -> int:
+        return self.scratch.shape[1]
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first column, deltas T x c, base c), float64 on the block's device, for every chunk of columns."""
+        for c0 in range(0, self.numel, self.chunk):
+            c1 = min(c0 + self.chunk, self.numel)
+            work = self.scratch[:, :c1 - c0]
+            if self.holds_deltas:
+                work[0].copy_(self.base[c0:c1])
+                work[1:].copy_(self.rows[:, c0:c1])
+            else:
+                work.copy_(self.rows[:, c0:c1])
+                work[1:].sub_(work[0])
+            yield c0, work[1:], work[0]
+
+    def gram(self) -> torch.Tensor:
+        """G = M M^T of the block's deltas (T x T, float64, on the CPU), summed over the chunks in order."""
+        gram = torch.zeros(self.n_steps, self.n_steps, dtype=torch.float64, device=self.device)
+        for _, deltas, _ in self.chunks():
+            gram += gram_of(deltas)
+        return gram.cpu()
+
+    def weighted_sums(self, weights: np.ndarray, outs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Fill flat ``outs[j]`` with W_0 + sum_t weights[j, t] Delta_t, reduced in float64, rounded once to its dtype."""
+        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
+        sums = torch.empty(w.shape[0], self.chunk, dtype=torch.float64, device=self.device)
+        for c0, deltas, base in self.chunks():
+            part = torch.mm(w, deltas, out=sums[:, :deltas.shape[1]]).add_(base)
+            for j, out in enumerate(outs):
+                out[c0:c0 + deltas.shape[1]] = round_once(part[j], out.dtype)
+        return outs
+
+    def stack(self, out: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All deltas as one T x n float64 stack and the base block as float64, in ``out`` and ``base``."""
+        for c0, deltas, base_chunk in self.chunks():
+            out[:, c0:c0 + deltas.shape[1]].copy_(deltas)
+            base[c0:c0 + deltas.shape[1]].copy_(base_chunk)
+        return out, base
 
 
 class DeltaStream:
@@ -30,17 +91,24 @@ class DeltaStream:
         self.readers = [trajectory.reader(c.path) for c in trajectory.checkpoints]
         self.steps = np.array(trajectory.steps, dtype=np.float64)
         self.budget = memory_budget
-        self.n_outputs = n_outputs  # targets written per tensor: their sums share the budget with the stack
+        self.n_outputs = n_outputs  # targets written per tensor: their values share the budget with the rows
         self.device = torch.device(device)
+        self.holds_deltas = not all(r.stores_weights for r in self.readers)
         self._buffers: dict[str, torch.Tensor] = {}
+        # files are read side by side (the reads release the GIL): a page-cache copy or a disk queue per core
+        self._pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="relex-read")
 
-    def bytes_per_element(self, spec: TensorSpec) -> int:
-        """Live bytes per tensor element: the fp64 stack and base, the read buffer, fp64 sums, an output."""
-        return 8 * (len(self.readers) + 1) + spec.dtype.itemsize + self.n_outputs * 8 + 8
+    def bytes_per_element(self, spec: TensorSpec, stacked: bool = False) -> int:
+        """Live bytes per tensor element: the stored rows (float64 deltas for adapters) and the outputs, plus a
+        float64 stack of every delta and the base when ``stacked`` (methods that are not weighted sums)."""
+        t = len(self.readers)
+        rows = spec.dtype.itemsize + (8 * t if self.holds_deltas else spec.dtype.itemsize * t)
+        device_copy = rows if self.device.type != "cpu" else 0  # the rows again on the device
+        return rows + device_copy + self.n_outputs * 8 + (8 * (t + 1) if stacked else 0)
 
-    def blocks(self, spec: TensorSpec) -> list[tuple[int, int]]:
-        """Row ranges whose stacks fit the budget (one range when the whole tensor fits)."""
-        per_row = self.bytes_per_element(spec) * max(spec.row_numel, 1)
+    def blocks(self, spec: TensorSpec, stacked: bool = False) -> list[tuple[int, int]]:
+        """Row ranges whose rows fit the budget (one range when the whole tensor fits)."""
+        per_row = self.bytes_per_element(spec, stacked) * max(spec.row_numel, 1)
         rows_per_block = max(1, (self.budget - FIXED_OVERHEAD) // per_row)
         return [(r0, min(r0 + rows_per_block, spec.rows)) for r0 in range(0, spec.rows, rows_per_block)] or [(0, 0)]
 
@@ -56,25 +124,49 @@ class DeltaStream:
             have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
         return have[:numel].view(shape)
 
-    def read(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(deltas as a T x n float64 stack, the base block as float64, flat) for rows r0:r1."""
+    def load(self, name: str, r0: int, r1: int) -> Block:
+        """Rows r0:r1 of tensor ``name`` from the base and every observed checkpoint, read once."""
         spec = self.base.specs[name]
-        raw = self.buffer("raw", ((r1 - r0) * spec.row_numel * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
-        block = self.base.read(name, r0, r1, raw).reshape(-1)
-        base = self.buffer("base", (block.numel(),))
-        base.copy_(block)
-        stack = self.buffer("stack", (len(self.readers), block.numel()))
-        for i, reader in enumerate(self.readers):
-            reader.read_delta(name, r0, r1, base=base, out=stack[i], buffer=raw)
-        return stack, base
-
-    def stats(self, name: str, spec: TensorSpec, stack: torch.Tensor | None = None) -> TensorStats:
-        """Gram statistics of a tensor: from a stack already read, or block by block."""
-        if stack is not None:
-            gram = gram_of(stack)
+        n = (r1 - r0) * spec.row_numel
+        t = len(self.readers)
+        if self.holds_deltas:
+            base = self._read_into(self.base, name, r0, r1, self.buffer("base-raw", (n,), spec.dtype, torch.device("cpu")))
+            base64 = base.to(torch.float64)
+            rows = self.buffer("rows", (t, n), torch.float64, torch.device("cpu"))
+            raw = self.buffer("raw", (n * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
+            for i, reader in enumerate(self.readers):
+                reader.read_delta(name, r0, r1, base=base64, out=rows[i], buffer=raw)
         else:
-            gram = sum(gram_of(self.read(name, r0, r1)[0]) for r0, r1 in self.blocks(spec))
-        return self.checked_stats(name, spec, gram.cpu().numpy())
+            rows = self.buffer("rows", (t + 1, n), spec.dtype, torch.device("cpu"))
+            readers = [self.base, *self.readers]
+            list(self._pool.map(lambda i: self._read_into(readers[i], name, r0, r1, rows[i]), range(t + 1)))
+            base = rows[0]
+        if self.device.type != "cpu":
+            rows = self.buffer("rows-device", rows.shape, rows.dtype).copy_(rows)
+            base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
+        columns = n if self.device.type != "cpu" else max(1, CHUNK_BYTES // (8 * (t + 1)))
+        scratch = self.buffer("scratch", (t + 1, min(columns, max(n, 1))))
+        return Block(rows, self.holds_deltas, base, self.device, scratch)
+
+    @staticmethod
+    def _read_into(reader, name: str, r0: int, r1: int, dest: torch.Tensor) -> torch.Tensor:
+        """Rows r0:r1 of ``name`` from one checkpoint into flat ``dest`` (its stored dtype)."""
+        value = reader.read(name, r0, r1, dest.view(torch.uint8)).reshape(-1)
+        if value.data_ptr() != dest.data_ptr():  # a pickle checkpoint's tensor is not read into the buffer
+            dest.copy_(value)
+        return dest
+
+    def stacked(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a block's deltas as one T x n float64 stack, its base as float64, flat), in reused buffers."""
+        return block.stack(self.buffer("stack", (block.n_steps, block.numel)), self.buffer("base", (block.numel,)))
+
+    def stats(self, name: str, spec: TensorSpec, block: Block | None = None) -> TensorStats:
+        """Gram statistics of a tensor: from a block already read (the whole tensor), or block by block."""
+        if block is not None:
+            gram = block.gram()
+        else:
+            gram = sum(self.load(name, r0, r1).gram() for r0, r1 in self.blocks(spec))
+        return self.checked_stats(name, spec, gram.numpy())
 
     def checked_stats(self, name: str, spec: TensorSpec, gram: np.ndarray) -> TensorStats:
         """Statistics of a tensor's Gram matrix (summed here or by Ray tasks), refusing NaN or Inf by file."""
@@ -98,15 +190,12 @@ class DeltaStream:
         raw = self.buffer("raw", (spec.numel * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
         return self.trajectory.deltas(name, self.device, raw)
 
-    def weighted_sums(self, stack: torch.Tensor, base: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
-        """W_0 + sum_t weights[j, t] Delta_t for every row j of ``weights``, in float64."""
-        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
-        out = self.buffer("sums", (w.shape[0], stack.shape[1]))
-        torch.mm(w, stack, out=out)
-        return out.add_(base)
+    def outputs(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
+        """One reused flat output buffer of ``dtype`` per target, on the CPU where the writers take it."""
+        return [self.buffer(f"out{j}-{dtype}", (numel,), dtype, torch.device("cpu"))
+                for j in range(max(self.n_outputs, 1))]
 
     def cast(self, values: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """``values`` rounded once to the output dtype in a reused buffer (no allocation per tensor)."""
         out = self.buffer(f"out-{dtype}", (values.numel(),), dtype)
         return cast_into(out, values.reshape(-1)).view(shape)
-

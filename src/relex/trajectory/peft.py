@@ -73,6 +73,8 @@ class _Lora:
 class AdapterReader:
     """Deltas (and merged values) of the base's tensors for one PEFT LoRA adapter checkpoint."""
 
+    stores_weights = False  # its file holds factors of W - W_0, read as float64 deltas (``read_delta``)
+
     def __init__(self, folder: Path, base: "CheckpointReader") -> None:
         self.folder = Path(folder)
         self.base = base

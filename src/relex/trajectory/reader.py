@@ -116,6 +116,8 @@ class CheckpointReader:
     open-file limit, and a checkpoint deleted during the run is refused by name, not read stale.
     """
 
+    stores_weights = True  # its files hold W itself (an adapter's hold factors of W - W_0)
+
     def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
         self.folder = Path(folder)
         self.files = weight_files(self.folder, allow_pickle)
