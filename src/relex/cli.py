@@ -34,6 +34,12 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="statistics cache folder (default ~/.cache/relex)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: Ray tasks on every node that sees the files, "
+                        "same results (pip install 'relex[ray]'; docs/ray.md)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="--executor ray: the cluster to join, as ray.init takes it (auto, HOST:PORT; default: "
+                        "RAY_ADDRESS, else a cluster `ray start` began here, else a new local instance)")
     _add_verbosity(p)
 
 
@@ -163,7 +169,8 @@ def _trajectory(args: argparse.Namespace):
 
 def _engine_options(args: argparse.Namespace) -> dict:
     return {"memory_budget": args.memory_budget, "device": args.device,
-            "cache": False if args.no_cache else args.cache, "progress": not args.quiet}
+            "cache": False if args.no_cache else args.cache, "progress": not args.quiet,
+            "executor": args.executor, "ray_address": args.ray_address}
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> int:

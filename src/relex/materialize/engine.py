@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from relex.trajectory import StackedDeltas, TensorSpec, Trajectory
 from relex.units import parse_size
 from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name, publish_all,
                           warn_if_no_tokenizer)
+
+if TYPE_CHECKING:
+    from relex.materialize.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,11 @@ def _check_device(device: str) -> str:
 
 def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = None, *,
                   memory_budget: str | int = "2GB", device: str = "cpu",
-                  cache: str | Path | bool | None = None, progress: bool = True) -> dict[str, TensorStats]:
-    """Per-tensor Gram statistics of an observed trajectory, from the cache when it covers them."""
+                  cache: str | Path | bool | None = None, progress: bool = True, executor: str = "local",
+                  ray_address: str | None = None) -> dict[str, TensorStats]:
+    """Per-tensor Gram statistics of an observed trajectory, from the cache when it covers them
+    (``executor="ray"``: computed by Ray tasks, the same numbers)."""
+    ray = _ray_executor(executor, None, device, ray_address)
     specs = specs if specs is not None else trajectory.tensor_specs()
     store = _cache(trajectory, cache)
     loaded = store.load(trajectory.steps) if store else None
@@ -70,9 +76,10 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
     stats = {}
     with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",
               unit_scale=True, desc="statistics", disable=not progress) as bar:
-        for name, spec in specs.items():
-            stats[name] = stream.stats(name, spec)
-            bar.update(_pass_bytes(spec, len(trajectory.steps)))
+        tensors = ray.statistics(stream, specs) if ray else ((n, stream.stats(n, s)) for n, s in specs.items())
+        for name, tensor_stats in tensors:
+            stats[name] = tensor_stats
+            bar.update(_pass_bytes(specs[name], len(trajectory.steps)))
     if store:
         store.save(stats, trajectory.steps)
     return stats
@@ -87,11 +94,13 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
                 overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                 memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
                 progress: bool = True, run_info: dict | None = None,
-                stats: dict[str, TensorStats] | None = None) -> list[Path]:
+                stats: dict[str, TensorStats] | None = None, executor: str = "local",
+                ray_address: str | None = None) -> list[Path]:
     """Write ``out_dir/step-{T}`` for each target T from a fitted method: a loadable HF model folder each.
 
     The method's own observed trajectory (``method.fit``'s) is read; returns the folders. ``stats`` (from
-    ``compute_stats`` on that trajectory) skips the Gram pass, cache or not.
+    ``compute_stats`` on that trajectory) skips the Gram pass, cache or not. ``executor="ray"`` computes the
+    tensors in Ray tasks (``ray_address``: ``ray.init``'s) with the same bytes written (``ray_executor``).
     """
     trajectory = getattr(method, "trajectory_", None)
     if trajectory is None:
@@ -115,6 +124,8 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
     store = _cache(trajectory, cache)
     loaded = stats or (store.load(trajectory.steps) if store else None) or {}
     stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device), n_outputs=len(targets))
+    ray = _ray_executor(executor, method, device, ray_address)
+    materialize = ray.materialize if ray else materialize_locally
     _warn_if_inside_run(out_dir, trajectory)
     created_root = not out_dir.exists()
     writers: list[ModelFolderWriter] = []
@@ -127,10 +138,8 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
         total = sum(_pass_bytes(specs[n], len(trajectory.steps)) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
-            for name in order:
-                cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
-                stats[name] = _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets,
-                                                  cached, writers)
+            for name, tensor_stats in materialize(stream, method, specs, out_dtype, targets, loaded, writers):
+                stats[name] = tensor_stats
                 bar.update(_pass_bytes(specs[name], len(trajectory.steps)) * passes[name])
         if store and not loaded:
             store.save(stats, trajectory.steps)
@@ -146,6 +155,26 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return folders
+
+
+def _ray_executor(executor: str, method: Method | None, device: str, ray_address: str | None) -> RayExecutor | None:
+    """None for the local executor; for ``ray``, the Ray one, checked before any work starts."""
+    if executor == "local":
+        return None
+    if executor != "ray":
+        raise RelexError(f"--executor {executor}: choose local or ray")
+    from relex.materialize.ray_executor import RayExecutor
+
+    return RayExecutor(method, device, ray_address)
+
+
+def materialize_locally(stream: DeltaStream, method: Method, specs: dict[str, TensorSpec],
+                        out_dtype: dict[str, torch.dtype], targets: list[int], loaded: dict[str, TensorStats],
+                        writers: list[ModelFolderWriter]) -> Iterator[tuple[str, TensorStats]]:
+    """The local executor: tensor by tensor in the writers' order, in this process; yields each one's statistics."""
+    for name in writers[0].order:
+        cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
+        yield name, _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets, cached, writers)
 
 
 def _warn_if_inside_run(out_dir: Path, trajectory: Trajectory) -> None:

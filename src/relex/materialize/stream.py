@@ -196,7 +196,11 @@ class DeltaStream:
             gram = block.gram()
         else:
             gram = sum(self.load(name, r0, r1).gram() for r0, r1 in self.blocks(spec))
-        stats = TensorStats(self.steps.copy(), gram.numpy(), name, spec.shape)
+        return self.checked_stats(name, spec, gram.numpy())
+
+    def checked_stats(self, name: str, spec: TensorSpec, gram: np.ndarray) -> TensorStats:
+        """Statistics of a tensor's Gram matrix (summed here or by Ray tasks), refusing NaN or Inf by file."""
+        stats = TensorStats(self.steps.copy(), gram, name, spec.shape)
         self._check_finite(name, spec, stats)
         return stats
 
