@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-PIP_COMPILE_FLAGS := --extra lab --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+PIP_COMPILE_FLAGS := --extra lab --extra dev --extra ray --strip-extras --no-emit-index-url --no-emit-find-links \
                      --unsafe-package torch --output-file requirements.lock pyproject.toml lock.in
 
 .PHONY: setup demo lab-long test bench lock clean
