@@ -178,3 +178,19 @@ def test_checkpoints_given_in_any_order_give_the_same_result(pico, tmp_path):
     [fb] = extrapolate(b, tmp_path / "b", [60], progress=False, cache=False)
     ra, rb = CheckpointReader(fa), CheckpointReader(fb)
     assert all(torch.equal(ra.read(n), rb.read(n)) for n in ra.specs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the GPU path is checked where one is")
+def test_cuda_matches_the_float64_reference_and_the_cpu(tmp_path):
+    """--device cuda: the same float64 arithmetic on the GPU, whole blocks and row blocks alike."""
+    base = save_pico_model(tmp_path / "base")
+    ckpts = drift_run(base, tmp_path / "run", noise=0.05)
+    traj = Trajectory.discover(base, tmp_path / "run")
+    ref = numpy_relex(load_file(str(base / "model.safetensors")), ckpts, STEPS, 60, rank=2)
+    folders = {}
+    for device, budget in [("cpu", "2GB"), ("cuda", "2GB"), ("cuda", "1KB")]:
+        [folders[device, budget]] = extrapolate(Relex(rank=2).fit(traj), tmp_path / f"{device}-{budget}", [60],
+                                                device=device, memory_budget=budget, cache=False, progress=False)
+        assert max_relative_error(predicted_deltas(folders[device, budget], base), ref) <= 1e-6
+    cpu, gpu = (predicted_deltas(folders[k], base) for k in [("cpu", "2GB"), ("cuda", "2GB")])
+    assert max_relative_error(gpu, cpu) <= 1e-6

@@ -65,9 +65,11 @@ class Block:
         """``fn(c0, deltas, base)`` for every chunk of columns, the results in chunk order."""
         starts = list(range(0, self.numel, self.chunk))
         workers = self.scratch.shape[0] if self.pool else 1
+        inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
         def work(worker: int) -> list:
-            return [fn(c0, *self._deltas(c0, self.scratch[worker])) for c0 in starts[worker::workers]]
+            with torch.inference_mode(inference):
+                return [fn(c0, *self._deltas(c0, self.scratch[worker])) for c0 in starts[worker::workers]]
 
         if workers == 1:
             return work(0)
