@@ -1,9 +1,10 @@
 """The streaming pass: statistics, method weights and weighted sums, tensor by tensor, to the writers.
 
-For each tensor (in the order its bytes go to disk) the observed deltas are read once when they fit
-the memory budget: the same stack gives the Gram matrix, the method turns it into weights, and the
-weighted sum is written to every target's folder. A tensor too big for the budget takes two passes
-over row blocks (Gram, then sums); cached statistics skip the first.
+For each tensor (in the order its bytes go to disk) the checkpoints' rows are read once, as stored, when
+they fit the memory budget: the same rows give the Gram matrix, the method turns it into weights, and the
+weighted sum is written to every target's folder (float64 deltas exist only a cache-sized chunk at a time,
+stream.Block). A tensor too big for the budget takes two passes over row blocks (Gram, then sums); cached
+statistics skip the first.
 """
 
 from __future__ import annotations
