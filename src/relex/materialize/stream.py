@@ -1,8 +1,8 @@
 """Read one tensor's rows from every observed checkpoint, in row blocks that fit a memory budget.
 
 A block keeps the rows as stored (bf16, fp16 or fp32 bytes: no float64 copy of the whole stack) and
-makes float64 deltas W_t - W_0 a chunk of columns at a time, small enough to stay in the core's cache
-while the Gram matrix or the weighted sums use them. Upcasting to float64 is exact and so is the
+makes float64 deltas W_t - W_0 a chunk of columns at a time (32 MB of them, inside the fixed overhead)
+for the Gram matrix and the weighted sums: a block costs its stored bytes, not 8 bytes a value. Upcasting to float64 is exact and so is the
 subtraction: the deltas are the stored values' exact differences, and the Gram matrix and weighted sums
 are reduced in float64. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and
 is kept as such, never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation),
@@ -12,109 +12,71 @@ so memory stays at the budget whatever the model size.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from relex.errors import RelexError
-from relex.materialize.rounding import cast_into, round_once
+from relex.materialize.rounding import cast_into
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
-CHUNK_BYTES = 1 << 19      # float64 bytes of one chunk of deltas on a CPU worker (T+1 x columns): cache-sized
+CHUNK_BYTES = 32 << 20     # float64 bytes of one chunk of deltas on the CPU (T+1 x columns), within FIXED_OVERHEAD
 
 
 class Block:
     """Rows r0:r1 of one tensor in the base and every observed checkpoint, with float64 deltas by chunk.
 
     ``rows`` holds the checkpoints' stored values ((T+1) x n, base first) when every checkpoint stores its
-    weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``). On the CPU the
-    chunks are spread over worker threads, each running single-threaded kernels on its own scratch: no
-    thread barrier per chunk, which a busy machine turns into waits. Per-chunk results are combined in
-    chunk order, so the numbers do not depend on the number of workers.
+    weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``). The float64 deltas
+    exist one chunk of columns at a time (``scratch``), so a block costs its stored bytes, not 8 per value.
     """
 
     def __init__(self, rows: torch.Tensor, holds_deltas: bool, base: torch.Tensor, device: torch.device,
-                 scratch: torch.Tensor, pool: ThreadPoolExecutor | None) -> None:
+                 scratch: torch.Tensor) -> None:
         self.rows, self.holds_deltas, self.base, self.device = rows, holds_deltas, base, device
         self.n_steps = rows.shape[0] - (0 if holds_deltas else 1)
         self.numel = rows.shape[1]
-        self.scratch = scratch  # float64, workers x (T+1) x chunk columns
-        self.pool = pool        # None: every chunk in this thread (one chunk on a GPU)
+        self.scratch = scratch  # float64, (T+1) x chunk columns
 
-    @property
-    def chunk(self) -> int:
-        return self.scratch.shape[2]
-
-    def _deltas(self, c0: int, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(deltas T x c, base c) of the chunk of columns from ``c0``, float64 in ``work``."""
-        c1 = min(c0 + self.chunk, self.numel)
-        work = work[:, :c1 - c0]
-        if self.holds_deltas:
-            work[0].copy_(self.base[c0:c1])
-            work[1:].copy_(self.rows[:, c0:c1])
-        else:
-            work.copy_(self.rows[:, c0:c1])
-            work[1:].sub_(work[0])
-        return work[1:], work[0]
-
-    def each_chunk(self, fn: Callable[[int, torch.Tensor, torch.Tensor], Any]) -> list:
-        """``fn(c0, deltas, base)`` for every chunk of columns, the results in chunk order."""
-        starts = list(range(0, self.numel, self.chunk))
-        workers = self.scratch.shape[0] if self.pool else 1
-        inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
-
-        def work(worker: int) -> list:
-            with torch.inference_mode(inference):
-                return [fn(c0, *self._deltas(c0, self.scratch[worker])) for c0 in starts[worker::workers]]
-
-        if workers == 1:
-            return work(0)
-        with single_threaded_kernels():
-            parts = list(self.pool.map(work, range(workers)))
-        return [parts[i % workers][i // workers] for i in range(len(starts))]
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first column, deltas T x c, base c), float64 on the block's device, for every chunk of columns."""
+        chunk = self.scratch.shape[1]
+        for c0 in range(0, self.numel, chunk):
+            c1 = min(c0 + chunk, self.numel)
+            work = self.scratch[:, :c1 - c0]
+            if self.holds_deltas:
+                work[0].copy_(self.base[c0:c1])
+                work[1:].copy_(self.rows[:, c0:c1])
+            else:
+                work.copy_(self.rows[:, c0:c1])
+                work[1:].sub_(work[0])
+            yield c0, work[1:], work[0]
 
     def gram(self) -> torch.Tensor:
         """G = M M^T of the block's deltas (T x T, float64, on the CPU), summed over the chunks in order."""
         gram = torch.zeros(self.n_steps, self.n_steps, dtype=torch.float64, device=self.device)
-        for part in self.each_chunk(lambda c0, deltas, base: gram_of(deltas)):
-            gram += part
+        for _, deltas, _ in self.chunks():
+            gram += gram_of(deltas)
         return gram.cpu()
 
     def weighted_sums(self, weights: np.ndarray, outs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Fill flat ``outs[j]`` with W_0 + sum_t weights[j, t] Delta_t, reduced in float64, rounded once to its dtype."""
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
-
-        def fill(c0: int, deltas: torch.Tensor, base: torch.Tensor) -> None:
+        for c0, deltas, base in self.chunks():
             part = torch.mm(w, deltas).add_(base)
             for j, out in enumerate(outs):
-                out[c0:c0 + deltas.shape[1]] = round_once(part[j], out.dtype)
-
-        self.each_chunk(fill)
+                cast_into(out[c0:c0 + deltas.shape[1]], part[j])
         return outs
 
     def stack(self, out: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All deltas as one T x n float64 stack and the base block as float64, in ``out`` and ``base``."""
-        def copy(c0: int, deltas: torch.Tensor, base_chunk: torch.Tensor) -> None:
+        for c0, deltas, base_chunk in self.chunks():
             out[:, c0:c0 + deltas.shape[1]].copy_(deltas)
             base[c0:c0 + deltas.shape[1]].copy_(base_chunk)
-
-        self.each_chunk(copy)
         return out, base
-
-
-@contextmanager
-def single_threaded_kernels() -> Iterator[None]:
-    """torch's kernels on one thread while worker threads share the cores (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class DeltaStream:
@@ -130,10 +92,8 @@ class DeltaStream:
         self.device = torch.device(device)
         self.holds_deltas = not all(r.stores_weights for r in self.readers)
         self._buffers = BufferPool(self.device)
-        # one worker per torch thread: files are read side by side (the reads release the GIL, a page-cache
-        # copy or a disk queue per core), and a block's chunks are computed side by side
-        self.workers = max(1, torch.get_num_threads())
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex")
+        # files are read side by side (the reads release the GIL): a page-cache copy or a disk queue per core
+        self._pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="relex-read")
 
     def bytes_per_element(self, spec: TensorSpec, stacked: bool = False) -> int:
         """Live bytes per tensor element: the stored rows (float64 deltas for adapters) and the outputs, plus a
@@ -174,11 +134,8 @@ class DeltaStream:
         if self.device.type != "cpu":
             rows = self.buffer("rows-device", rows.shape, rows.dtype).copy_(rows)
             base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
-        on_cpu = self.device.type == "cpu"
-        columns = min(max(1, CHUNK_BYTES // (8 * (t + 1))) if on_cpu else n, max(n, 1))
-        workers = self.workers if on_cpu else 1
-        scratch = self.buffer("scratch", (workers, t + 1, columns))
-        return Block(rows, self.holds_deltas, base, self.device, scratch, self._pool if on_cpu else None)
+        columns = min(max(1, CHUNK_BYTES // (8 * (t + 1))) if self.device.type == "cpu" else n, max(n, 1))
+        return Block(rows, self.holds_deltas, base, self.device, self.buffer("scratch", (t + 1, columns)))
 
     @staticmethod
     def _read_into(reader, name: str, r0: int, r1: int, dest: torch.Tensor) -> torch.Tensor:
