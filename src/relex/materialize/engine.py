@@ -229,7 +229,7 @@ def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     if len(stream.blocks(spec, stacked=True)) == 1:
         block = stream.load(name, 0, spec.rows)
         stats = cached or stream.stats(name, spec, block)
-        deltas = StackedDeltas(*stream.stacked(block), spec.shape)
+        deltas = StackedDeltas(*block.whole(), spec.shape)
     else:
         stats = cached or stream.stats(name, spec)
         deltas = stream.deltas(name)

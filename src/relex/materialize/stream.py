@@ -39,7 +39,8 @@ class Block:
         self.rows, self.holds_deltas, self.base, self.device = rows, holds_deltas, base, device
         self.n_steps = rows.shape[0] - (0 if holds_deltas else 1)
         self.numel = rows.shape[1]
-        self.scratch = scratch  # float64, (T+1) x chunk columns
+        self.scratch = scratch  # float64, (T+1) x chunk columns: the whole block when the budget holds it
+        self._converted = False  # the whole block is in scratch already: later passes skip the conversion
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(first column, deltas T x c, base c), float64 on the block's device, for every chunk of columns."""
@@ -47,12 +48,14 @@ class Block:
         for c0 in range(0, self.numel, chunk):
             c1 = min(c0 + chunk, self.numel)
             work = self.scratch[:, :c1 - c0]
-            if self.holds_deltas:
-                work[0].copy_(self.base[c0:c1])
-                work[1:].copy_(self.rows[:, c0:c1])
-            else:
-                work.copy_(self.rows[:, c0:c1])
-                work[1:].sub_(work[0])
+            if not self._converted:
+                if self.holds_deltas:
+                    work[0].copy_(self.base[c0:c1])
+                    work[1:].copy_(self.rows[:, c0:c1])
+                else:
+                    work.copy_(self.rows[:, c0:c1])
+                    work[1:].sub_(work[0])
+                self._converted = chunk >= self.numel
             yield c0, work[1:], work[0]
 
     def gram(self) -> torch.Tensor:
@@ -71,12 +74,10 @@ class Block:
                 cast_into(out[c0:c0 + deltas.shape[1]], part[j])
         return outs
 
-    def stack(self, out: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All deltas as one T x n float64 stack and the base block as float64, in ``out`` and ``base``."""
-        for c0, deltas, base_chunk in self.chunks():
-            out[:, c0:c0 + deltas.shape[1]].copy_(deltas)
-            base[c0:c0 + deltas.shape[1]].copy_(base_chunk)
-        return out, base
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every delta, T x n, and the base, n) in float64, for a block whose scratch holds it whole."""
+        [(_, deltas, base)] = list(self.chunks())
+        return deltas, base
 
 
 class DeltaStream:
@@ -134,7 +135,8 @@ class DeltaStream:
         if self.device.type != "cpu":
             rows = self.buffer("rows-device", rows.shape, rows.dtype).copy_(rows)
             base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
-        columns = min(max(1, CHUNK_BYTES // (8 * (t + 1))) if self.device.type == "cpu" else n, max(n, 1))
+        whole = self.device.type != "cpu" or len(self.blocks(spec, stacked=True)) == 1  # converted once, kept
+        columns = min(n if whole else max(1, CHUNK_BYTES // (8 * (t + 1))), max(n, 1))
         return Block(rows, self.holds_deltas, base, self.device, self.buffer("scratch", (t + 1, columns)))
 
     @staticmethod
@@ -144,10 +146,6 @@ class DeltaStream:
         if value.data_ptr() != dest.data_ptr():  # a pickle checkpoint's tensor is not read into the buffer
             dest.copy_(value)
         return dest
-
-    def stacked(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a block's deltas as one T x n float64 stack, its base as float64, flat), in reused buffers."""
-        return block.stack(self.buffer("stacked", (block.n_steps, block.numel)), self.buffer("stacked-base", (block.numel,)))
 
     def stats(self, name: str, spec: TensorSpec, block: Block | None = None) -> TensorStats:
         """Gram statistics of a tensor: from a block already read (the whole tensor), or block by block."""
