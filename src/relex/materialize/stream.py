@@ -116,28 +116,39 @@ class DeltaStream:
         return self._buffers.get(key, shape, dtype, device)
 
     def load(self, name: str, r0: int, r1: int) -> Block:
-        """Rows r0:r1 of tensor ``name`` from the base and every observed checkpoint, read once."""
+        """Rows r0:r1 of tensor ``name`` from the base and every observed checkpoint, read once.
+
+        The rows and the float64 scratch share one buffer, so the largest block sets the memory, not the
+        largest rows of one tensor plus the largest scratch of another.
+        """
         spec = self.base.specs[name]
         n = (r1 - r0) * spec.row_numel
         t = len(self.readers)
+        on_cpu = self.device.type == "cpu"
+        whole = not on_cpu or len(self.blocks(spec, stacked=True)) == 1  # converted once, kept for both passes
+        columns = min(n if whole else max(1, CHUNK_BYTES // (8 * (t + 1))), max(n, 1))
+        row_dtype, n_rows = (torch.float64, t) if self.holds_deltas else (spec.dtype, t + 1)
+        row_bytes = -(-n_rows * n * row_dtype.itemsize // 8) * 8  # the scratch after it starts 8-byte aligned
+        scratch_bytes = (t + 1) * columns * 8 if on_cpu else 0
+        arena = self.buffer("arena", (row_bytes + scratch_bytes,), torch.uint8, torch.device("cpu"))
+        rows = arena[:n_rows * n * row_dtype.itemsize].view(row_dtype).view(n_rows, n)
         if self.holds_deltas:
             base = self._read_into(self.base, name, r0, r1, self.buffer("base-raw", (n,), spec.dtype, torch.device("cpu")))
             base64 = base.to(torch.float64)
-            rows = self.buffer("rows", (t, n), torch.float64, torch.device("cpu"))
             raw = self.buffer("raw", (n * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
             for i, reader in enumerate(self.readers):
                 reader.read_delta(name, r0, r1, base=base64, out=rows[i], buffer=raw)
         else:
-            rows = self.buffer("rows", (t + 1, n), spec.dtype, torch.device("cpu"))
             readers = [self.base, *self.readers]
             list(self._pool.map(lambda i: self._read_into(readers[i], name, r0, r1, rows[i]), range(t + 1)))
             base = rows[0]
-        if self.device.type != "cpu":
+        if on_cpu:
+            scratch = arena[row_bytes:].view(torch.float64).view(t + 1, columns)
+        else:
             rows = self.buffer("rows-device", rows.shape, rows.dtype).copy_(rows)
             base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
-        whole = self.device.type != "cpu" or len(self.blocks(spec, stacked=True)) == 1  # converted once, kept
-        columns = min(n if whole else max(1, CHUNK_BYTES // (8 * (t + 1))), max(n, 1))
-        return Block(rows, self.holds_deltas, base, self.device, self.buffer("scratch", (t + 1, columns)))
+            scratch = self.buffer("scratch", (t + 1, columns))
+        return Block(rows, self.holds_deltas, base, self.device, scratch)
 
     @staticmethod
     def _read_into(reader, name: str, r0: int, r1: int, dest: torch.Tensor) -> torch.Tensor:
