@@ -2,8 +2,8 @@
 
 For each tensor (in the order its bytes go to disk) the checkpoints' rows are read once, as stored, when
 they fit the memory budget: the same rows give the Gram matrix, the method turns it into weights, and the
-weighted sum is written to every target's folder (float64 deltas exist only a cache-sized chunk at a time,
-stream.Block). A tensor too big for the budget takes two passes over row blocks (Gram, then sums); cached
+weighted sum is written to every target's folder (float64 deltas all at once when they fit, else by
+chunk: stream.Block). A tensor too big for the budget takes two passes over row blocks (Gram, then sums); cached
 statistics skip the first.
 """
 

@@ -1,13 +1,13 @@
 """Read one tensor's rows from every observed checkpoint, in row blocks that fit a memory budget.
 
-A block keeps the rows as stored (bf16, fp16 or fp32 bytes: no float64 copy of the whole stack) and
-makes float64 deltas W_t - W_0 a chunk of columns at a time (32 MB of them, inside the fixed overhead)
-for the Gram matrix and the weighted sums: a block costs its stored bytes, not 8 bytes a value. Upcasting to float64 is exact and so is the
-subtraction: the deltas are the stored values' exact differences, and the Gram matrix and weighted sums
-are reduced in float64. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and
-is kept as such, never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation),
-so memory stays at the budget whatever the model size.
-"""
+A block keeps the rows as stored (bf16, fp16 or fp32 bytes) and makes the float64 deltas W_t - W_0 for the
+Gram matrix and the weighted sums: all at once, kept for both passes, when the block's float64 stack fits
+the budget; else a chunk of columns at a time (32 MB of them, inside the fixed overhead), so that a block
+costs its stored bytes, not 8 bytes a value. Upcasting to float64 is exact and so is the subtraction: the
+deltas are the stored values' exact differences, and the Gram matrix and weighted sums are reduced in
+float64. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and is kept as such,
+never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation), so memory stays at
+the budget whatever the model size."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Block:
 
     ``rows`` holds the checkpoints' stored values ((T+1) x n, base first) when every checkpoint stores its
     weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``). The float64 deltas
-    exist one chunk of columns at a time (``scratch``), so a block costs its stored bytes, not 8 per value.
+    live in ``scratch``: the whole block, or one chunk of columns at a time.
     """
 
     def __init__(self, rows: torch.Tensor, holds_deltas: bool, base: torch.Tensor, device: torch.device,
