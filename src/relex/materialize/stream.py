@@ -126,7 +126,7 @@ class DeltaStream:
         t = len(self.readers)
         on_cpu = self.device.type == "cpu"
         whole = not on_cpu or len(self.blocks(spec, stacked=True)) == 1  # converted once, kept for both passes
-        columns = min(n if whole else max(1, CHUNK_BYTES // (8 * (t + 1))), max(n, 1))
+        columns = max(1, min(n if whole else CHUNK_BYTES // (8 * (t + 1)), n))
         row_dtype, n_rows = (torch.float64, t) if self.holds_deltas else (spec.dtype, t + 1)
         row_bytes = -(-n_rows * n * row_dtype.itemsize // 8) * 8  # the scratch after it starts 8-byte aligned
         scratch_bytes = (t + 1) * columns * 8 if on_cpu else 0
