@@ -96,7 +96,8 @@ class WeightLoader:
                 continue  # integer buffers are not trained
             row = np.asarray(weights[name] if isinstance(weights, dict) else weights, dtype=np.float64)[None, :]
             for r0, r1 in stream.blocks(spec):
-                [values] = stream.load(name, r0, r1).weighted_sums(row, [target[r0 * spec.row_numel:r1 * spec.row_numel]])
+                rows = target[r0 * spec.row_numel:r1 * spec.row_numel]
+                [values] = stream.load(name, r0, r1).weighted_sums(row, [rows])
                 if not bool(torch.isfinite(values).all()):
                     raise RelexError(f"probe: tensor '{name}' would hold Inf or NaN in a predicted checkpoint")
 

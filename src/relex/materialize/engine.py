@@ -3,8 +3,8 @@
 For each tensor (in the order its bytes go to disk) the checkpoints' rows are read once, as stored, when
 they fit the memory budget: the same rows give the Gram matrix, the method turns it into weights, and the
 weighted sum is written to every target's folder (float64 deltas all at once when they fit, else by
-chunk: stream.Block). A tensor too big for the budget takes two passes over row blocks (Gram, then sums); cached
-statistics skip the first.
+chunk: stream.Block). A tensor too big for the budget takes two passes over row blocks (Gram, then
+sums); cached statistics skip the first.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
                         writers: list[ModelFolderWriter]) -> TensorStats:
     """A DirectMethod's tensor: its factors from the deltas (the stack read once when it fits the budget, else
     row blocks read at every visit), then every target's values written a row block at a time."""
-    if len(stream.blocks(spec, stacked=True)) == 1:
+    if stream.fits_stacked(spec):
         block = stream.load(name, 0, spec.rows)
         stats = cached or stream.stats(name, spec, block)
         deltas = StackedDeltas(*block.whole(), spec.shape)

@@ -66,7 +66,8 @@ class Block:
         return gram.cpu()
 
     def weighted_sums(self, weights: np.ndarray, outs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        """Fill flat ``outs[j]`` with W_0 + sum_t weights[j, t] Delta_t, reduced in float64, rounded once to its dtype."""
+        """Fill flat ``outs[j]`` with W_0 + sum_t weights[j, t] Delta_t, reduced in float64 and rounded once
+        to its dtype."""
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
         for c0, deltas, base in self.chunks():
             part = torch.mm(w, deltas).add_(base)
@@ -110,6 +111,10 @@ class DeltaStream:
         rows_per_block = max(1, (self.budget - FIXED_OVERHEAD) // per_row)
         return [(r0, min(r0 + rows_per_block, spec.rows)) for r0 in range(0, spec.rows, rows_per_block)] or [(0, 0)]
 
+    def fits_stacked(self, spec: TensorSpec) -> bool:
+        """Whether the whole tensor's float64 stack fits the budget beside its rows (one block, converted once)."""
+        return len(self.blocks(spec, stacked=True)) == 1
+
     def buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
                device: torch.device | None = None) -> torch.Tensor:
         """A view of a reused buffer that only ever grows: no allocation or page faults per tensor."""
@@ -125,7 +130,7 @@ class DeltaStream:
         n = (r1 - r0) * spec.row_numel
         t = len(self.readers)
         on_cpu = self.device.type == "cpu"
-        whole = not on_cpu or len(self.blocks(spec, stacked=True)) == 1  # converted once, kept for both passes
+        whole = not on_cpu or self.fits_stacked(spec)  # converted once, kept for both passes
         columns = max(1, min(n if whole else CHUNK_BYTES // (8 * (t + 1)), n))
         row_dtype, n_rows = (torch.float64, t) if self.holds_deltas else (spec.dtype, t + 1)
         row_bytes = -(-n_rows * n * row_dtype.itemsize // 8) * 8  # the scratch after it starts 8-byte aligned
@@ -133,7 +138,8 @@ class DeltaStream:
         arena = self.buffer("arena", (row_bytes + scratch_bytes,), torch.uint8, torch.device("cpu"))
         rows = arena[:n_rows * n * row_dtype.itemsize].view(row_dtype).view(n_rows, n)
         if self.holds_deltas:
-            base = self._read_into(self.base, name, r0, r1, self.buffer("base-raw", (n,), spec.dtype, torch.device("cpu")))
+            base_raw = self.buffer("base-raw", (n,), spec.dtype, torch.device("cpu"))
+            base = self._read_into(self.base, name, r0, r1, base_raw)
             base64 = base.to(torch.float64)
             raw = self.buffer("raw", (n * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
             for i, reader in enumerate(self.readers):
