@@ -4,6 +4,7 @@ rerun gives byte-identical outputs and leaves no temporaries (those of killed pr
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -46,7 +47,10 @@ def contents(out: Path) -> dict[str, bytes]:
 
 
 def leftovers(*roots: Path) -> list[Path]:
-    return [p for root in roots if root.exists() for p in root.rglob(".*") if ".relex-" in p.name]
+    """Every relex temporary under ``roots``. os.walk skips a folder that a live run renames or sweeps while
+    it is being listed (pathlib's rglob raises FileNotFoundError there)."""
+    return [Path(folder, name) for root in roots for folder, dirs, files in os.walk(root)
+            for name in (*dirs, *files) if name.startswith(".") and ".relex-" in name]
 
 
 def mine(proc: subprocess.Popen, *roots: Path) -> list[Path]:
