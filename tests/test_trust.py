@@ -7,13 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import drift_run, save_pico_model
 from relex import Relex, Trajectory, extrapolate
 from relex.analysis.auto import auto_method
 from relex.analysis.backtest import backtest, choose, default_settings, safe_horizon
-from relex.analysis.diagnostics import diagnose, verdict
+from relex.analysis.diagnostics import diagnose, idle_steps, verdict
 from relex.cli import main
 from relex.errors import RelexError
 from relex.stats import TensorStats
@@ -54,6 +55,46 @@ def test_diagnostics_tell_the_four_kinds_apart():
     assert diag["rotating"]["median"]["direction_drift_cos"] < 0.9 < diag["linear"]["median"]["direction_drift_cos"]
     assert "like a random walk" in verdict(diag["walk"], 1.0) and "no extrapolation" in verdict(diag["walk"], 1.0)
     assert "grows linearly" in verdict(diag["linear"], 4.0) and "4x" in verdict(diag["linear"], 4.0)
+
+
+def adam_run(no_gradient: set[int], tiny_gradient: set[int], seed: int, steps: int = 16) -> TensorStats:
+    """Gram statistics of a real torch Adam run on a noisy regression; the steps in ``no_gradient`` get a
+    zero gradient (GRPO's all-equal rewards) and those in ``tiny_gradient`` 1e-4 of it (its KL term alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    flat = lambda: torch.cat([p.detach().flatten() for p in model.parameters()]).double()  # noqa: E731
+    w0, teacher = flat(), torch.randn(32, 8, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    deltas = []
+    for step in range(1, steps + 1):
+        x = torch.randn(4, 32, generator=gen)
+        loss = ((model(x) - x @ teacher - torch.randn(4, 8, generator=gen)) ** 2).mean()
+        scale = 0.0 if step in no_gradient else 1e-4 if step in tiny_gradient else 1.0
+        opt.zero_grad()
+        (scale * loss).backward()
+        opt.step()
+        deltas.append((flat() - w0).numpy())
+    m = np.stack(deltas)
+    return TensorStats(np.arange(1.0, steps + 1), m @ m.T)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_idle_steps_of_a_real_adam_run_are_flagged_and_only_they(seed):
+    """No gradient at step 1: the checkpoint equals theta_0; no (or a tiny) gradient later: Adam coasts on its
+    momentum along the previous update. The verdict names them; gradient steps and synthetic runs are not flagged."""
+    stats = adam_run({1, 5, 6, 11}, {12}, seed)
+    assert idle_steps(stats) == {"stalled": [1], "coasting": [5, 6, 11, 12]}
+    diag = diagnose({"w": stats.subset([1, 2, 3, 4, 5, 6])})
+    line = verdict(diag, None)
+    assert "Warning: checkpoint 1 did not move" in line and "steps 5 and 6 repeat the direction" in line
+    assert "The window holds 3 updates with a gradient of their own." in line
+    assert "holds 2 updates with a gradient of their own; its straightness says nothing" in verdict(
+        diagnose({"w": stats.subset([1, 4, 5, 6])}), None)
+    assert idle_steps(adam_run(set(), set(), seed)) == {"stalled": [], "coasting": []}
+    for kind in ("linear", "rotating", "walk"):  # (sqrt's first two updates, nearly noiseless, look like coasting)
+        diag = diagnose(stats_of(kind))
+        assert diag["idle"] == {"stalled": [], "coasting": []} and "Warning" not in verdict(diag, 2.0), kind
 
 
 @pytest.mark.parametrize("kind, allowed", [("linear", {"relex linear", "relex power", "relex linear, rank 2"}),

@@ -5,6 +5,10 @@ paper's evidence), path efficiency ||Delta_T|| / sum ||Delta_t - Delta_{t-1}||, 
 ||Delta_t|| against t (1 for a straight drift, 0.5 for a random walk), and the drift of the top
 direction between the first half of the window and the whole (cosine of the two v1).
 A random walk scores a high rank-1 share and R^2 too, so those alone do not show predictability.
+The window's idle steps are flagged too: a checkpoint equal to the one before (no update), or an update
+that repeats the previous one's direction at a shrinking size (an optimizer coasting on its momentum with
+little or no gradient, as GRPO does when every completion of every group earns the same reward). A window made
+of such steps looks perfectly straight and says nothing about the run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from relex.stats.gram import TensorStats
 
 NULL_DIM = 2048
 NULL_REPEATS = 32
+STALL_FRACTION = 1e-6  # an update this small next to the window's largest counts as none
+COAST_COSINE = 0.99  # measured on a GRPO run: gradient steps 0.52-0.89, zero-reward steps 0.9992-0.99997
+COAST_SHRINK = 0.98  # ... and a coasting optimizer's steps shrink (Adam's by about beta1 / sqrt(beta2))
 
 
 def increment_norms(stats: TensorStats) -> np.ndarray:
@@ -27,6 +34,31 @@ def increment_norms(stats: TensorStats) -> np.ndarray:
     prev = np.concatenate([[0.0], diag[:-1]])
     cross = np.concatenate([[0.0], np.diag(g, -1)])
     return np.sqrt(np.clip(diag - 2 * cross + prev, 0.0, None))
+
+
+def update_cosines(stats: TensorStats) -> np.ndarray:
+    """cos(Delta_t - Delta_{t-1}, Delta_{t-1} - Delta_{t-2}) for each observed step (nan for the first, or
+    where either update is zero), with Delta_0 = 0."""
+    g = np.pad(stats.gram, ((1, 0), (1, 0)))  # index 0 is step 0, where Delta = 0
+    t = np.arange(2, len(g))
+    dot = g[t, t - 1] - g[t - 1, t - 1] - g[t, t - 2] + g[t - 1, t - 2]
+    norms = increment_norms(stats)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (norms[1:] * norms[:-1])
+    return np.concatenate([[np.nan], np.clip(cos, -1.0, 1.0)])
+
+
+def idle_steps(stats: TensorStats) -> dict[str, list[int]]:
+    """Steps of the window that carry no new gradient: ``stalled`` (the checkpoint equals the one before)
+    and ``coasting`` (the update repeats the previous one's direction, smaller per step)."""
+    gaps = np.diff(np.concatenate([[0.0], stats.steps]))
+    norms = increment_norms(stats)
+    per_step = norms / gaps
+    stalled = norms <= STALL_FRACTION * norms.max(initial=0.0)
+    cos = update_cosines(stats)
+    shrinking = np.concatenate([[False], per_step[1:] < COAST_SHRINK * per_step[:-1]])
+    coasting = ~stalled & (np.nan_to_num(cos) >= COAST_COSINE) & shrinking
+    return {"stalled": [int(s) for s in stats.steps[stalled]], "coasting": [int(s) for s in stats.steps[coasting]]}
 
 
 def path_efficiency(stats: TensorStats) -> float:
@@ -93,7 +125,9 @@ def diagnose(stats: dict[str, TensorStats]) -> dict:
         "median": medians,
         "whole_model": {"path_efficiency": path_efficiency(whole), "growth_exponent": growth_exponent(whole),
                         "delta_norms": whole.delta_norms.tolist(),
-                        "update_norm_per_step": (increment_norms(whole) / gaps).tolist()},
+                        "update_norm_per_step": (increment_norms(whole) / gaps).tolist(),
+                        "update_cosine": [None if np.isnan(c) else float(c) for c in update_cosines(whole)]},
+        "idle": idle_steps(whole),
         "random_walk": random_walk_null(steps),
         "per_tensor": per_tensor,
     }
@@ -130,4 +164,27 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
     if safe_horizon is not None:
         horizon += (" in function space (the probe's outputs)" if space == "function" else
                     " in weight space only (no probe: pass --probe FILE to check the model's outputs)")
-    return f"The run {shape}, {path}; {fit}; {turn}; {horizon}."
+    return f"The run {shape}, {path}; {fit}; {turn}; {horizon}." + idle_warning(diag)
+
+
+def idle_warning(diag: dict) -> str:
+    """A sentence on the window's idle steps (empty when every step moved on a gradient of its own)."""
+    idle = diag.get("idle") or {"stalled": [], "coasting": []}
+    stalled, coasting = idle["stalled"], idle["coasting"]
+    if not stalled and not coasting:
+        return ""
+    live = len(diag["steps"]) - len(stalled) - len(coasting)
+    parts = []
+    if stalled:
+        parts.append(f"checkpoint{'s' * (len(stalled) > 1)} {_steps(stalled)} did not move from the one before "
+                     "(no update: e.g. every completion of every group got the same reward)")
+    if coasting:
+        parts.append(f"the update{'s' * (len(coasting) > 1)} at step{'s' * (len(coasting) > 1)} {_steps(coasting)} repeat{'s' * (len(coasting) == 1)} "
+                     f"the direction before at a smaller size (cos >= {COAST_COSINE}), as an optimizer coasting on "
+                     "its momentum with little or no gradient does")
+    return (f" Warning: {'; '.join(parts)}. The window holds {live} update{'s' * (live != 1)} with a gradient of "
+            f"{'their' if live != 1 else 'its'} own{'; its straightness says nothing about the run' if live < 3 else ''}.")
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps[:-1])) + (" and " if len(steps) > 1 else "") + str(steps[-1])
