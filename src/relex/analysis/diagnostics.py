@@ -169,8 +169,7 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
 
 def idle_warning(diag: dict) -> str:
     """A sentence on the window's idle steps (empty when every step moved on a gradient of its own)."""
-    idle = diag.get("idle") or {"stalled": [], "coasting": []}
-    stalled, coasting = idle["stalled"], idle["coasting"]
+    stalled, coasting = diag["idle"]["stalled"], diag["idle"]["coasting"]
     if not stalled and not coasting:
         return ""
     live = len(diag["steps"]) - len(stalled) - len(coasting)
@@ -179,9 +178,10 @@ def idle_warning(diag: dict) -> str:
         parts.append(f"checkpoint{'s' * (len(stalled) > 1)} {_steps(stalled)} did not move from the one before "
                      "(no update: e.g. every completion of every group got the same reward)")
     if coasting:
-        parts.append(f"the update{'s' * (len(coasting) > 1)} at step{'s' * (len(coasting) > 1)} {_steps(coasting)} repeat{'s' * (len(coasting) == 1)} "
-                     f"the direction before at a smaller size (cos >= {COAST_COSINE}), as an optimizer coasting on "
-                     "its momentum with little or no gradient does")
+        many = len(coasting) > 1
+        parts.append(f"the update{'s' * many} at step{'s' * many} {_steps(coasting)} repeat{'' if many else 's'} the "
+                     f"direction before at a smaller size (cos >= {COAST_COSINE}), as an optimizer coasting on its "
+                     "momentum with little or no gradient does")
     return (f" Warning: {'; '.join(parts)}. The window holds {live} update{'s' * (live != 1)} with a gradient of "
             f"{'their' if live != 1 else 'its'} own{'; its straightness says nothing about the run' if live < 3 else ''}.")
 
