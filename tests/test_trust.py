@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -236,3 +237,16 @@ def test_auto_without_cache_reads_the_checkpoints_for_statistics_once(tmp_path, 
     assert main(["extrapolate", "--base", str(base), "--run", str(tmp_path / "run"), "--no-cache", "-q", "--auto",
                  "--target", "16", "--out", str(tmp_path / "out")]) == 0
     assert len(calls) == len(set(calls))
+
+
+def test_extrapolate_warns_of_a_window_with_a_checkpoint_equal_to_the_base(tmp_path, caplog):
+    """A first checkpoint identical to theta_0 (GRPO with all-equal rewards) is named in the log and relex.json."""
+    base = save_pico_model(tmp_path / "base")
+    drift_run(base, tmp_path / "run", steps=[2, 3, 4])
+    shutil.copytree(base, tmp_path / "run" / "checkpoint-1")
+    with caplog.at_level("WARNING"):
+        assert main(["extrapolate", "--base", str(base), "--run", str(tmp_path / "run"), "--no-cache",
+                     "--target", "8", "--out", str(tmp_path / "out")]) == 0
+    assert "idle steps: checkpoint 1 did not move from the one before" in caplog.text
+    meta = json.loads((tmp_path / "out" / "step-8" / "relex.json").read_text())
+    assert meta["trajectory_summary"]["idle_steps"] == {"stalled": [1], "coasting": []}

@@ -110,6 +110,11 @@ def random_walk_null(steps: np.ndarray, dim: int = NULL_DIM, repeats: int = NULL
             for k in samples[0]}
 
 
+def whole_model(stats: dict[str, TensorStats]) -> TensorStats:
+    """The statistics of all tensors as one vector: the sum of their Gram matrices."""
+    return TensorStats(next(iter(stats.values())).steps, sum(s.gram for s in stats.values()))
+
+
 def diagnose(stats: dict[str, TensorStats]) -> dict:
     """Median per-tensor diagnostics, whole-model growth and update norms, and the random-walk null."""
     moving = {n: s for n, s in stats.items() if s.delta_norms[-1] > 0}
@@ -118,7 +123,7 @@ def diagnose(stats: dict[str, TensorStats]) -> dict:
     medians = {k: float(np.nanmedian([d[k] for d in per_tensor.values()])) if per_tensor else float("nan")
                for k in keys}
     steps = next(iter(stats.values())).steps
-    whole = TensorStats(steps, sum(s.gram for s in stats.values()))
+    whole = whole_model(stats)
     gaps = np.diff(np.concatenate([[0.0], steps]))
     return {
         "steps": [int(s) for s in steps],

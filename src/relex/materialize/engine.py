@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import relex
+from relex.analysis.diagnostics import idle_steps, idle_warning, whole_model
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
 from relex.materialize.stream import DeltaStream
@@ -145,6 +146,10 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
         if store and not loaded:
             store.save(stats, trajectory.steps)
         summary = summarize([tensor_metrics(n, specs[n].numel, stats[n]) for n in order])
+        summary["idle_steps"] = idle = idle_steps(whole_model(stats))
+        if idle["stalled"] or idle["coasting"]:
+            log.warning("the observed window has idle steps%s", idle_warning({"idle": idle, "steps": trajectory.steps})
+                        .removeprefix(" Warning"))
         metas = [{"relex_version": relex.__version__, "method": method.name, "params": method.params(),
                   "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base.resolve()),
                   "dtype": dtype or "input", "trajectory_summary": summary, **(run_info or {})} for target in targets]
