@@ -73,6 +73,7 @@ def test_callback_writes_predictions_and_logs_diagnostics(tmp_path: Path) -> Non
     assert [row["step"] for row in logged] == [2, 3, 4, 5, 6]  # one status per save from the second on
     assert logged[-1]["relex/checkpoints"] == 6 and 0 < logged[-1]["relex/rank1_share"] <= 1
     assert "relex/safe_horizon" in logged[-1]  # six checkpoints: the backtest ran
+    assert 0 <= logged[-1]["relex/idle_steps"] <= 6
     assert callback.history[-1]["relex/window"] == 6
 
 

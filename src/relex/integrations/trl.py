@@ -54,7 +54,7 @@ def metrics_of(status: dict) -> dict[str, float]:
     """A watcher's status as flat ``relex/...`` numbers for the trainer's loggers (None left out)."""
     out: dict[str, float] = {"relex/checkpoints": status["checkpoints_taken"], "relex/window": len(status["window"])}
     out.update({f"relex/{k}": v for k, v in status.get("median", {}).items()})
-    for key in ("growth_exponent", "safe_horizon", "safe_step"):
+    for key in ("growth_exponent", "idle_steps", "safe_horizon", "safe_step"):
         if status.get(key) is not None:
             out[f"relex/{key}"] = status[key]
     return out

@@ -284,6 +284,7 @@ class Watcher:
                 "random_walk": {k: v["mean"] for k, v in diag["random_walk"].items()},
                 "growth_exponent": diag["whole_model"]["growth_exponent"],
                 "safe_horizon": horizon, "safe_step": None if horizon is None else int(horizon * steps[-1]),
+                "idle_steps": len(diag["idle"]["stalled"]) + len(diag["idle"]["coasting"]),
                 "verdict": verdict(diag, horizon)}
 
     def write(self, targets: Sequence[int] | None = None) -> list[Path]:
