@@ -169,15 +169,14 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
     if safe_horizon is not None:
         horizon += (" in function space (the probe's outputs)" if space == "function" else
                     " in weight space only (no probe: pass --probe FILE to check the model's outputs)")
-    return f"The run {shape}, {path}; {fit}; {turn}; {horizon}." + idle_warning(diag)
+    return f"The run {shape}, {path}; {fit}; {turn}; {horizon}." + idle_warning(diag["idle"], len(diag["steps"]))
 
 
-def idle_warning(diag: dict) -> str:
-    """A sentence on the window's idle steps (empty when every step moved on a gradient of its own)."""
-    stalled, coasting = diag["idle"]["stalled"], diag["idle"]["coasting"]
+def idle_warning(idle: dict[str, list[int]], n_steps: int) -> str:
+    """A sentence on a window's idle steps (``idle_steps``; empty when every step moved on a gradient of its own)."""
+    stalled, coasting = idle["stalled"], idle["coasting"]
     if not stalled and not coasting:
         return ""
-    live = len(diag["steps"]) - len(stalled) - len(coasting)
     parts = []
     if stalled:
         parts.append(f"checkpoint{'s' * (len(stalled) > 1)} {_steps(stalled)} did not move from the one before "
@@ -187,8 +186,10 @@ def idle_warning(diag: dict) -> str:
         parts.append(f"the update{'s' * many} at step{'s' * many} {_steps(coasting)} repeat{'' if many else 's'} the "
                      f"direction before at a smaller size (cos >= {COAST_COSINE}), as an optimizer coasting on its "
                      "momentum with little or no gradient does")
-    return (f" Warning: {'; '.join(parts)}. The window holds {live} update{'s' * (live != 1)} with a gradient of "
-            f"{'their' if live != 1 else 'its'} own{'; its straightness says nothing about the run' if live < 3 else ''}.")
+    live = n_steps - len(stalled) - len(coasting)
+    own = f"{live} update{'s' * (live != 1)} with a gradient of {'their' if live != 1 else 'its'} own"
+    meaning = "; its straightness says nothing about the run." if live < 3 else "."
+    return f" Warning: {'; '.join(parts)}. The window holds {own}{meaning}"
 
 
 def _steps(steps: list[int]) -> str:
