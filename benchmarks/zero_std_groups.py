@@ -19,20 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from relex.lab.grading import grade
-from relex.lab.math_task import INSTRUCTION
+from relex.lab.math_task import INSTRUCTION, arithmetic_problem, chat_renderer
 from relex.lab.pretrained import ensure_model
-
-
-def draw(kind: str, rng: random.Random) -> tuple[str, int]:
-    """One problem of ``kind`` with the lab's operand ranges (relex/lab/math_task.py)."""
-    if kind == "+":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return f"What is {a} + {b}?", a + b
-    if kind == "-":
-        a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
-        return f"What is {a} - {b}?", a - b
-    a, b = rng.randint(11, 49), rng.randint(2, 9)
-    return f"What is {a} * {b}?", a * b
 
 
 def main() -> None:
@@ -52,13 +40,12 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path).eval()
+    render = chat_renderer(tok)
     out = {"settings": vars(args), "kinds": {}}
     print(f"{'kind':>4} {'mean reward':>11} {'all-equal groups':>16} {'seconds':>7}")
     for kind in "+-*":
-        problems = [draw(kind, rng) for _ in range(args.prompts)]
-        texts = [tok.apply_chat_template([{"role": "user", "content": f"{q}\n{INSTRUCTION}"}], tokenize=False,
-                                         add_generation_prompt=True) for q, _ in problems]
-        enc = tok(texts, return_tensors="pt", padding=True)
+        problems = [arithmetic_problem(kind, rng) for _ in range(args.prompts)]
+        enc = tok([render(f"{q}\n{INSTRUCTION}") for q, _ in problems], return_tensors="pt", padding=True)
         start = time.time()
         with torch.no_grad():
             ids = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,

@@ -169,7 +169,8 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
     if safe_horizon is not None:
         horizon += (" in function space (the probe's outputs)" if space == "function" else
                     " in weight space only (no probe: pass --probe FILE to check the model's outputs)")
-    return f"The run {shape}, {path}; {fit}; {turn}; {horizon}." + idle_warning(diag["idle"], len(diag["steps"]))
+    idle = idle_warning(diag["idle"], len(diag["steps"]))
+    return f"The run {shape}, {path}; {fit}; {turn}; {horizon}." + (f" Warning: {idle}" if idle else "")
 
 
 def idle_warning(idle: dict[str, list[int]], n_steps: int) -> str:
@@ -189,7 +190,7 @@ def idle_warning(idle: dict[str, list[int]], n_steps: int) -> str:
     live = n_steps - len(stalled) - len(coasting)
     own = f"{live} update{'s' * (live != 1)} with a gradient of {'their' if live != 1 else 'its'} own"
     meaning = "; its straightness says nothing about the run." if live < 3 else "."
-    return f" Warning: {'; '.join(parts)}. The window holds {own}{meaning}"
+    return f"{'; '.join(parts)}. The window holds {own}{meaning}"
 
 
 def _steps(steps: list[int]) -> str:

@@ -21,7 +21,11 @@ ITEMS = ("apples", "stickers", "marbles", "books", "cookies", "stamps", "shells"
 
 def _arithmetic(rng: random.Random) -> tuple[str, int]:
     """A sum, difference or product of small numbers."""
-    kind = rng.choice("+-*")
+    return arithmetic_problem(rng.choice("+-*"), rng)
+
+
+def arithmetic_problem(kind: str, rng: random.Random) -> tuple[str, int]:
+    """(question, answer) of ``kind`` ("+", "-" or "*") with the task's operand ranges."""
     if kind == "+":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         return f"What is {a} + {b}?", a + b

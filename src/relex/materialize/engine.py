@@ -148,8 +148,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
         summary = summarize([tensor_metrics(n, specs[n].numel, stats[n]) for n in order])
         summary["idle_steps"] = idle = idle_steps(whole_model(stats))
         if idle["stalled"] or idle["coasting"]:
-            log.warning("the observed window has idle steps%s",
-                        idle_warning(idle, len(trajectory.steps)).removeprefix(" Warning"))
+            log.warning("the observed window has idle steps: %s", idle_warning(idle, len(trajectory.steps)))
         metas = [{"relex_version": relex.__version__, "method": method.name, "params": method.params(),
                   "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base.resolve()),
                   "dtype": dtype or "input", "trajectory_summary": summary, **(run_info or {})} for target in targets]
