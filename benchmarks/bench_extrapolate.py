@@ -6,7 +6,9 @@ input files and ``relex extrapolate`` for each ``--method`` (interleaved, on the
 reporting wall time, the ratio to ``cat``, and peak memory: RssAnon (the process's own memory, which
 the budget bounds) and total RSS (which also counts touched pages of memory-mapped input files).
 ``--budget whole`` holds the largest tensor's whole stack, ``--budget eighth`` an eighth of it.
-``--reference`` also times the public RELEX reference pipeline's algorithm (re-implemented from its
+``--device cuda`` (repeatable, e.g. ``--device cpu --device cuda``) times each device on the same inputs and,
+with two devices, reports how far their outputs' deltas disagree (max |a - b| / max |a - base|, which
+should stay below 1e-6). ``--reference`` also times the public RELEX reference pipeline's algorithm (re-implemented from its
 description in reference_pipeline.py: a float16 delta store on disk, then a float32 SVD per tensor).
 Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
@@ -14,6 +16,7 @@ Prints a table and writes JSON. Not a test: numbers depend on the machine.
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --dtype float32 --budget whole --budget eighth --reference
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
     python benchmarks/bench_extrapolate.py --model small --method relex --method alpharl --method next --budget 64MB
+    python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget whole --budget eighth --device cpu --device cuda
 """
 
 from __future__ import annotations
@@ -144,6 +147,20 @@ def time_reference(scratch: Path, target_index: int) -> dict:
             "reference_store_bytes": store_bytes}
 
 
+def disagreement(a: Path, b: Path, base: Path) -> float:
+    """max |a - b| / max |a - base| over every tensor of two outputs of the same extrapolation (float64)."""
+    from safetensors import safe_open
+
+    worst, scale = 0.0, 0.0
+    with safe_open(str(a / "model.safetensors"), "pt") as fa, safe_open(str(b / "model.safetensors"), "pt") as fb, \
+            safe_open(str(base / "model.safetensors"), "pt") as f0:
+        for name in fa.keys():
+            x, y, z = (f.get_tensor(name).double() for f in (fa, fb, f0))
+            worst = max(worst, (x - y).abs().max().item())
+            scale = max(scale, (x - z).abs().max().item())
+    return worst / scale if scale else worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
@@ -155,13 +172,14 @@ def main() -> None:
                                                           "e.g. 'next --next-epochs 20'; repeatable: each is timed "
                                                           "after cat on the same inputs (default relex)")
     parser.add_argument("--drift", choices=["dense", "rank1"], default="dense", help="each tensor's drift direction")
+    parser.add_argument("--device", action="append", help="relex extrapolate --device; repeatable (default cpu)")
     parser.add_argument("--reference", action="store_true", help="also time the reference pipeline's algorithm")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each timing; the fastest is reported")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
     parser.add_argument("--keep", type=Path, help="generate the run here, or reuse it if there, and keep it")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
     args = parser.parse_args()
-    budgets, methods = args.budget or ["2GB", "256MB"], args.method or ["relex"]
+    budgets, methods, devices = args.budget or ["2GB", "256MB"], args.method or ["relex"], args.device or ["cpu"]
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
     try:
         steps = list(range(1, args.checkpoints + 1))
@@ -181,30 +199,38 @@ def main() -> None:
         for name in budgets:
             budget = named_budget(name, scratch)
             for method in methods:
-                out = scratch / f"out-{name}"
-                cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
-                       str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget", budget,
-                       "--method", *method.split(), "--no-cache", "-q", "--overwrite"]
                 cat = min((measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]) for _ in range(args.repeat)),
                           key=lambda r: r["seconds"])
-                run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
-                shutil.rmtree(out)
-                rows.append({"model": args.model, "dtype": args.dtype, "method": method, "drift": args.drift,
-                             "params": params, "checkpoints": len(steps), "budget": name,
-                             "budget_bytes": int(parse_size(budget)), "input_bytes": input_bytes,
-                             "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
-                             "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
-                             "peak_rss_bytes": run["peak_rss"], **reference})
-        print(f"{'model':14} {'dtype':8} {'method':10} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} "
+                outs = []
+                for device in devices:
+                    out = scratch / f"out-{name}-{device.replace(':', '')}"
+                    cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
+                           str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget",
+                           budget, "--device", device, "--method", *method.split(), "--no-cache", "-q", "--overwrite"]
+                    run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+                    outs.append(out / f"step-{target}")
+                    rows.append({"model": args.model, "dtype": args.dtype, "method": method, "drift": args.drift,
+                                 "device": device, "params": params, "checkpoints": len(steps), "budget": name,
+                                 "budget_bytes": int(parse_size(budget)), "input_bytes": input_bytes,
+                                 "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
+                                 "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
+                                 "peak_rss_bytes": run["peak_rss"], **reference})
+                if len(outs) > 1:
+                    rows[-1]["disagreement_with_" + devices[0]] = disagreement(outs[-1], outs[0], scratch / "base")
+                for out in outs:
+                    shutil.rmtree(out.parent)
+        print(f"{'model':14} {'dtype':8} {'method':10} {'device':6} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} "
               f"{'ratio':>6} {'peak anon':>10} {'peak rss':>10}"
               + (f" {'ref s':>7} {'ref/relex':>9} {'ref anon':>9}" if reference else ""))
         for r in rows:
-            line = (f"{r['model']:14} {r['dtype']:8} {r['method']:10} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G "
+            line = (f"{r['model']:14} {r['dtype']:8} {r['method']:10} {r['device']:6} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G "
                     f"{r['cat_seconds']:>7.2f} {r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} "
                     f"{r['peak_anon_bytes'] / 1e6:>9.0f}M {r['peak_rss_bytes'] / 1e6:>9.0f}M")
             if reference:
                 line += (f" {r['reference_seconds']:>7.1f} {r['reference_seconds'] / r['relex_seconds']:>9.1f} "
                          f"{r['reference_peak_anon_bytes'] / 1e6:>8.0f}M")
+            for key in (k for k in r if k.startswith("disagreement_with_")):
+                line += f"  {key.removeprefix('disagreement_with_')} vs {r['device']}: {r[key]:.1e}"
             print(line)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for scoring (default 1, as in the lab: a second busy-waiting "
                              "thread on a shared 2-core machine makes decoding several times slower)")
+    parser.add_argument("--device", default="cpu", help="where outputs are scored: cpu (default) or cuda")
     parser.add_argument("--methods", nargs="+", metavar="NAME",
                         help="only these (of relex two-point alpharl next next+step auto expo logits; default all): "
                              "on a 135M model each scored output costs minutes on a CPU")
@@ -76,7 +77,8 @@ def main() -> None:
             rows += [{"method": label, "target": t, "accuracy": None, "stderr": None, "weight_error": None,
                       "seconds": None, "peak_anon_bytes": None, "refused": reason} for t in wanted]
             continue
-        scores = score_dirs([out / f"step-{t}" for t in wanted], task, tokenizer_dir=lab / "base", quiet=True)
+        scores = score_dirs([out / f"step-{t}" for t in wanted], task, tokenizer_dir=lab / "base", quiet=True,
+                            device=args.device)
         for t in wanted:
             real = lab / "run" / f"checkpoint-{t}"
             score = scores[out / f"step-{t}"]
@@ -84,7 +86,8 @@ def main() -> None:
                          "weight_error": relative_weight_error(out / f"step-{t}", real, lab / "base")
                          if real.is_dir() else None,
                          "seconds": cost["seconds"], "peak_anon_bytes": cost["peak_anon"]})
-    anchor, cut = load_model(lab / "base"), load_model(lab / "run" / f"checkpoint-{cutoff}", adapter_base)
+    anchor, cut = (load_model(d, b).to(args.device) for d, b in [(lab / "base", None),
+                                                                  (lab / "run" / f"checkpoint-{cutoff}", adapter_base)])
     tokenizer = load_tokenizer(lab / "base")
     for t in targets if "logits" in wanted_methods else []:
         start = time.perf_counter()
@@ -92,7 +95,8 @@ def main() -> None:
         rows.append({"method": "logits", "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
                      "weight_error": None, "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
     real_scores = score_dirs([lab / "base", lab / "run" / f"checkpoint-{cutoff}", lab / "run" / f"checkpoint-{last}"],
-                             task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base)
+                             task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base,
+                             device=args.device)
     stop = real_scores[lab / "run" / f"checkpoint-{cutoff}"]  # the baseline: keep the cutoff checkpoint
     rows.insert(0, {"method": "stop", "target": last, "accuracy": stop.accuracy, "stderr": stop.stderr,
                     "weight_error": relative_weight_error(lab / "run" / f"checkpoint-{cutoff}",

@@ -107,7 +107,7 @@ def score_logits_extrapolation(anchor: PreTrainedModel, cutoff: PreTrainedModel,
     correct = 0
     for start in range(0, len(task.heldout), batch_size):
         batch = task.heldout[start:start + batch_size]
-        enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
+        enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True).to(anchor.device)
         new = generate_extrapolated(anchor, cutoff, enc["input_ids"], enc["attention_mask"], alpha,
                                     task.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
