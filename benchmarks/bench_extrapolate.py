@@ -15,7 +15,7 @@ Prints a table and writes JSON. Not a test: numbers depend on the machine.
     python benchmarks/bench_extrapolate.py --model small
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --dtype float32 --budget whole --budget eighth --reference
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
-    python benchmarks/bench_extrapolate.py --model small --method relex --method alpharl --method next --budget 64MB
+    python benchmarks/bench_extrapolate.py --model small --method relex --method alpharl --method next --budget 256MB
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget whole --budget eighth --device cpu --device cuda
 """
 

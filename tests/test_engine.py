@@ -72,12 +72,14 @@ def test_sharded_output_equals_unsharded_and_loads(pico, tmp_path):
     AutoModelForCausalLM.from_pretrained(many)
 
 
-def test_streaming_with_tiny_budget_equals_in_memory(pico, tmp_path):
+def test_streaming_with_tiny_budget_equals_in_memory(pico, tmp_path, caplog):
     base, run, _ = pico
     traj = Trajectory.discover(base, run)
     model = Relex(rank=2, cutoff=13).fit(traj)
     big, _ = extrapolate(model, tmp_path / "big", [40, 80], progress=False, cache=False)
+    assert "rows at a time" not in caplog.text
     [small] = extrapolate(model, tmp_path / "small", [40], memory_budget="1KB", progress=False, cache=False)
+    assert "--memory-budget of 1000 bytes" in caplog.text and "at least 256MB" in caplog.text
     a, b = CheckpointReader(big), CheckpointReader(small)
     for name in a.specs:
         torch.testing.assert_close(a.read(name), b.read(name), rtol=1e-6, atol=1e-7)
