@@ -21,7 +21,7 @@ import relex
 from relex.analysis.diagnostics import idle_steps, idle_warning, whole_model
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
-from relex.materialize.stream import DeltaStream
+from relex.materialize.stream import DeltaStream, budget_bytes
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import StackedDeltas, TensorSpec, Trajectory
@@ -74,7 +74,7 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
     if loaded is not None and specs.keys() <= loaded.keys():
         log.info("statistics for %d tensors loaded from %s", len(specs), store.path)
         return {name: loaded[name].named(name, spec.shape) for name, spec in specs.items()}
-    stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device))
+    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device))
     stats = {}
     with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",
               unit_scale=True, desc="statistics", disable=not progress) as bar:
@@ -125,7 +125,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
 
     store = _cache(trajectory, cache)
     loaded = stats or (store.load(trajectory.steps) if store else None) or {}
-    stream = DeltaStream(trajectory, parse_size(memory_budget), _check_device(device), n_outputs=len(targets))
+    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device), n_outputs=len(targets))
     ray = _ray_executor(executor, method, device, ray_address)
     materialize = ray.materialize if ray else materialize_locally
     _warn_if_inside_run(out_dir, trajectory)

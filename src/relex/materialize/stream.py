@@ -22,12 +22,23 @@ from relex.errors import RelexError
 from relex.materialize.rounding import cast_into
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
+from relex.units import parse_size
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
 CHUNK_BYTES = 32 << 20     # float64 bytes of one chunk of deltas on the CPU (T+1 x columns), within FIXED_OVERHEAD
 SLOW_BUDGET = 2 * FIXED_OVERHEAD  # below it a large tensor is read a few rows per block (measured: 30 min vs 6 s)
 
 log = logging.getLogger(__name__)
+
+
+def budget_bytes(memory_budget: str | int) -> int:
+    """A ``--memory-budget`` in bytes, warning (once per command, not per stream) when it leaves no room for rows."""
+    budget = parse_size(memory_budget)
+    if 0 < budget < SLOW_BUDGET:
+        log.warning("--memory-budget of %d bytes leaves %d for rows beside relex's fixed %d MiB: large tensors are "
+                    "read a few rows at a time, which can be hundreds of times slower; give it at least 256MB",
+                    budget, max(budget - FIXED_OVERHEAD, 0), FIXED_OVERHEAD >> 20)
+    return budget
 
 
 class Block:
@@ -94,10 +105,6 @@ class DeltaStream:
         self.readers = [trajectory.reader(c.path) for c in trajectory.checkpoints]
         self.steps = np.array(trajectory.steps, dtype=np.float64)
         self.budget = memory_budget
-        if 0 < memory_budget < SLOW_BUDGET:
-            log.warning("--memory-budget of %d bytes leaves %d for rows beside relex's fixed %d MiB: large tensors "
-                        "are read a few rows at a time, which can be hundreds of times slower; give it at least "
-                        "256MB", memory_budget, max(memory_budget - FIXED_OVERHEAD, 0), FIXED_OVERHEAD >> 20)
         self.n_outputs = n_outputs  # targets written per tensor: their values share the budget with the rows
         self.device = torch.device(device)
         self.holds_deltas = not all(r.stores_weights for r in self.readers)
