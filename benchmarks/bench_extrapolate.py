@@ -149,15 +149,14 @@ def time_reference(scratch: Path, target_index: int) -> dict:
 
 def disagreement(a: Path, b: Path, base: Path) -> float:
     """max |a - b| / max |a - base| over every tensor of two outputs of the same extrapolation (float64)."""
-    from safetensors import safe_open
+    from relex.trajectory import CheckpointReader
 
+    fa, fb, f0 = CheckpointReader(a), CheckpointReader(b), CheckpointReader(base)
     worst, scale = 0.0, 0.0
-    with safe_open(str(a / "model.safetensors"), "pt") as fa, safe_open(str(b / "model.safetensors"), "pt") as fb, \
-            safe_open(str(base / "model.safetensors"), "pt") as f0:
-        for name in fa.keys():
-            x, y, z = (f.get_tensor(name).double() for f in (fa, fb, f0))
-            worst = max(worst, (x - y).abs().max().item())
-            scale = max(scale, (x - z).abs().max().item())
+    for name in fa.specs:
+        x, y, z = (f.read(name).double() for f in (fa, fb, f0))
+        worst = max(worst, (x - y).abs().max().item())
+        scale = max(scale, (x - z).abs().max().item())
     return worst / scale if scale else worst
 
 
@@ -202,8 +201,8 @@ def main() -> None:
                 cat = min((measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]) for _ in range(args.repeat)),
                           key=lambda r: r["seconds"])
                 outs = []
-                for device in devices:
-                    out = scratch / f"out-{name}-{device.replace(':', '')}"
+                for i, device in enumerate(devices):
+                    out = scratch / f"out-{name}-{i}"
                     cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
                            str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget",
                            budget, "--device", device, "--method", *method.split(), "--no-cache", "-q", "--overwrite"]
