@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import STEPS, drift_run, max_relative_error, numpy_relex, predicted_deltas, save_pico_model
 from relex import ExPO, Reconstruct, Relex, Trajectory, TwoPoint, compute_stats, extrapolate
+from relex.materialize import stream
 from relex.trajectory import CheckpointReader
 
 
@@ -36,6 +37,28 @@ def test_rank2_and_bf16_input_match_reference(tmp_path):
     [kept] = extrapolate(Relex().fit(traj), tmp_path / "kept", [100], cache=False, progress=False)
     assert CheckpointReader(kept).read("model.embed_tokens.weight").dtype == torch.bfloat16
     assert json.loads((kept / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_over_worker_threads_match_reference_whatever_the_thread_count(tmp_path, monkeypatch, dtype):
+    base = save_pico_model(tmp_path / "base", dtype=dtype)
+    ckpts = drift_run(base, tmp_path / "run", noise=0.05)
+    traj = Trajectory.discover(base, tmp_path / "run")
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 8 * (len(STEPS) + 1) * 100)  # 100 columns: many chunks a tensor
+    threads, outputs, grams = torch.get_num_threads(), [], []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            grams.append(compute_stats(traj, cache=False, progress=False))
+            [folder] = extrapolate(Relex(rank=2).fit(traj), tmp_path / f"out{count}", [100], dtype="float32",
+                                   cache=False, progress=False)
+            outputs.append(load_file(str(folder / "model.safetensors")))
+    finally:
+        torch.set_num_threads(threads)
+    ref = numpy_relex(load_file(str(base / "model.safetensors")), ckpts, STEPS, 100, rank=2)
+    assert max_relative_error(predicted_deltas(folder, base), ref) <= 1e-6
+    assert all(np.array_equal(grams[0][k].gram, grams[1][k].gram) for k in grams[0])
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
 
 
 def test_output_folder_loads_in_transformers(pico, tmp_path):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import STEPS, drift_run, predicted_deltas, rank1_run
 from relex import Relex, RelexError, Trajectory, materialize
 from relex.cli import main
-from relex.materialize.rounding import round_once
+from relex.materialize.rounding import _odd, round_once
 from relex.trajectory import CheckpointReader
 from relex.trajectory import reader as reader_module
 from relex.writer import ModelFolderWriter, PlannedTensor, publish_all
@@ -378,6 +378,19 @@ def test_d13_round_once_is_correct_rounding(dtype, bits):
     even = (step % 2 == 0)
     assert bool(((err < (x - up).abs()) | ((err == (x - up).abs()) & even)).all())
     assert bool(((err < (x - down).abs()) | ((err == (x - down).abs()) & even)).all())
+
+
+def test_d13_bf16_fast_path_equals_round_to_odd_everywhere():
+    gen = torch.Generator().manual_seed(1)
+    exponents = torch.randint(-140, 128, (300_000,), generator=gen).double()
+    x = torch.randn(300_000, generator=gen, dtype=torch.float64) * 2.0 ** exponents  # subnormal to near the max
+    ties = torch.randn(100_000, generator=gen).to(torch.bfloat16).float()
+    ties = (ties.view(torch.int32) | 0x8000).view(torch.float32).double()  # float32 values that are bf16 ties
+    nudge = torch.randint(-1, 2, (100_000,), generator=gen).double() * ties.abs() * 2.0 ** -40
+    values = torch.cat([x, ties + nudge, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.4e38])])
+    single = values.to(torch.float32)
+    assert torch.equal(round_once(values, torch.bfloat16), _odd(values, single).to(torch.bfloat16))
+    assert round_once(torch.tensor([float("nan")], dtype=torch.float64), torch.bfloat16).isnan().all()
 
 
 def test_d13_engine_rounds_once(extrapolate, pico, tmp_path):

@@ -231,7 +231,7 @@ def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     """A DirectMethod's tensor: its factors from the deltas (the stack read once when it fits the budget, else
     row blocks read at every visit), then every target's values written a row block at a time."""
     if stream.fits_stacked(spec):
-        block = stream.load(name, 0, spec.rows)
+        block = stream.load(name, 0, spec.rows, stacked=True)
         stats = cached or stream.stats(name, spec, block)
         deltas = StackedDeltas(*block.whole(), spec.shape)
     else:

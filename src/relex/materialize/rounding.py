@@ -20,12 +20,26 @@ def round_once(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if values.dtype != torch.float64 or dtype not in _TWICE_ROUNDED:
         return values.to(dtype)
     single = values.to(torch.float32)
+    if dtype != torch.bfloat16:
+        return _odd(values, single).to(dtype)
+    # Only a float32 value that is a bf16 tie (low 16 bits 0x8000) can be rounded twice wrongly: monotone
+    # rounding to float32, which holds every bf16 tie, keeps every other value on the right side of its tie.
+    out = single.to(dtype)
+    off_tie = (single.view(torch.int32) & 0xFFFF).bitwise_xor_(0x8000)  # 0 at a tie; min() is cheaper than ==
+    if off_tie.numel() and int(off_tie.min()) == 0:
+        ties = torch.nonzero(off_tie == 0).flatten()
+        out[ties] = _odd(values[ties], single[ties]).to(dtype)
+    return out
+
+
+def _odd(values: torch.Tensor, single: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to float32 *to odd*, from ``single``, their float32 rounding to nearest."""
     back = single.double()
     inexact = back != values
-    bits = single.view(torch.int32)
+    bits = single.clone().view(torch.int32)
     bits -= (inexact & (back.abs() > values.abs())).to(torch.int32)  # truncate toward zero
     bits |= inexact.to(torch.int32)                                    # ... and make it odd when inexact
-    return bits.view(torch.float32).to(dtype)
+    return bits.view(torch.float32)
 
 
 def cast_into(out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
