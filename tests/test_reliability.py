@@ -25,6 +25,7 @@ from conftest import STEPS, drift_run, predicted_deltas, rank1_run
 from relex import Relex, RelexError, Trajectory, materialize
 from relex.cli import main
 from relex.materialize.rounding import _odd, round_once
+from relex.materialize.stream import all_finite
 from relex.trajectory import CheckpointReader
 from relex.trajectory import reader as reader_module
 from relex.writer import ModelFolderWriter, PlannedTensor, publish_all
@@ -216,6 +217,17 @@ def test_d7_rewrite_with_restored_mtime_is_not_served_from_cache(extrapolate, pi
 def test_d8_overflowing_prediction_is_refused(extrapolate, extra):
     err = extrapolate(*extra, expect=2)
     assert "Inf or NaN" in err and "tensor '" in err and "/out/step-" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_d8_all_finite_sees_every_nan_and_inf(dtype):
+    values = torch.randn(10_000).to(dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 4321, 9999):
+            spoiled = values.clone()
+            spoiled[where] = bad
+            assert not all_finite(spoiled.view(100, 100))
 
 
 # 9. stale temporaries of dead processes are swept; live ones are left alone ---------------------------

@@ -28,7 +28,7 @@ import torch
 from relex.analysis.backtest import default_settings
 from relex.errors import RelexError
 from relex.materialize.engine import _check_device
-from relex.materialize.stream import DeltaStream
+from relex.materialize.stream import DeltaStream, all_finite
 from relex.stats.gram import TensorStats
 from relex.trajectory import Trajectory
 from relex.units import parse_size
@@ -98,7 +98,7 @@ class WeightLoader:
             for r0, r1 in stream.blocks(spec):
                 rows = target[r0 * spec.row_numel:r1 * spec.row_numel]
                 [values] = stream.load(name, r0, r1).weighted_sums(row, [rows])
-                if not bool(torch.isfinite(values).all()):
+                if not all_finite(values):
                     raise RelexError(f"probe: tensor '{name}' would hold Inf or NaN in a predicted checkpoint")
 
 

@@ -21,7 +21,7 @@ import relex
 from relex.analysis.diagnostics import idle_steps, idle_warning, whole_model
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
-from relex.materialize.stream import DeltaStream, budget_bytes
+from relex.materialize.stream import DeltaStream, all_finite, budget_bytes
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import StackedDeltas, TensorSpec, Trajectory
@@ -191,7 +191,7 @@ def _warn_if_inside_run(out_dir: Path, trajectory: Trajectory) -> None:
 
 def _write(writer: ModelFolderWriter, name: str, values: torch.Tensor, target: int) -> None:
     """Hand one block of a target's tensor to its writer, refusing Inf or NaN (e.g. an overflowed cast)."""
-    if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
+    if values.dtype.is_floating_point and not all_finite(values):
         raise RelexError(f"{writer.folder}: tensor '{name}' would hold Inf or NaN at step {target} (the prediction "
                          f"overflows {dtype_name(values.dtype)}); choose a nearer --target or a wider --dtype")
     writer.weights.write(name, values)
