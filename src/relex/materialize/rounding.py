@@ -36,9 +36,9 @@ def _odd(values: torch.Tensor, single: torch.Tensor) -> torch.Tensor:
     """``values`` rounded to float32 *to odd*, from ``single``, their float32 rounding to nearest."""
     back = single.double()
     inexact = back != values
-    bits = single.clone().view(torch.int32)
-    bits -= (inexact & (back.abs() > values.abs())).to(torch.int32)  # truncate toward zero
-    bits |= inexact.to(torch.int32)                                    # ... and make it odd when inexact
+    # a new tensor (``single`` is left as it is): truncate toward zero, then make it odd when inexact
+    bits = single.view(torch.int32) - (inexact & (back.abs() > values.abs())).to(torch.int32)
+    bits |= inexact.to(torch.int32)
     return bits.view(torch.float32)
 
 

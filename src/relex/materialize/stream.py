@@ -229,8 +229,7 @@ class DeltaStream:
         bad = ~np.isfinite(np.diag(stats.gram))
         if not bad.any():
             return
-        base_bad = any(not torch.isfinite(self.base.read(name, r0, r1).float()).all()
-                       for r0, r1 in self.blocks(spec))
+        base_bad = any(not all_finite(self.base.read(name, r0, r1)) for r0, r1 in self.blocks(spec))
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
