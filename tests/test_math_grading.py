@@ -91,6 +91,17 @@ def test_math_task_heldout_fixed_disjoint_and_verified() -> None:
         assert task.verify(f"\\boxed{{{answer}}}", answer) and not task.verify(f"\\boxed{{{int(answer) + 1}}}", answer)
 
 
+def test_math_task_kinds_restrict_the_arithmetic_drawn() -> None:
+    """``kinds`` picks the arithmetic kinds for training and held-out alike; an unknown kind is refused."""
+    task = MathTask(lambda m: m, heldout_size=200, word_share=0.0, kinds="+*")
+    questions = [m for m, _ in task.heldout_messages()] + [p.prompt for p in task.sample_many(500, random.Random(1))]
+    assert all((" + " in q) != (" * " in q) and " - " not in q for q in questions)
+    assert {" + " in q for q in questions} == {True, False}
+    assert task.spec()["kinds"] == "+*"
+    with pytest.raises(ValueError, match="kinds"):
+        MathTask(lambda m: m, heldout_size=10, kinds="+/")
+
+
 def test_eval_dataset_cli_on_a_real_model(tmp_path: Path) -> None:
     """`relex eval MODEL --dataset` end to end on a pico HF model: every item graded, pass@1 with its stderr."""
     from conftest import save_pico_model

@@ -65,7 +65,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
         shutil.copytree(theta0, base_dir, copy_function=_link_or_copy)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         task = MathTask(chat_renderer(tokenizer), profile.heldout_size, max_new_tokens=profile.max_new_tokens,
-                        word_share=profile.word_share)
+                        word_share=profile.word_share, kinds=profile.kinds)
         write_dataset(tmp / "heldout.jsonl", [Item(q, a) for q, a in task.heldout_messages()])
         with clock.phase("rl"):
             set_seed(seed)
@@ -109,8 +109,8 @@ def lab_task(lab_dir: Path) -> Task:
         return make_task(spec["task"], spec["digits"], spec["heldout_size"], spec["heldout_seed"])
     from transformers import AutoTokenizer
 
-    from relex.lab.math_task import MathTask, chat_renderer
+    from relex.lab.math_task import ARITHMETIC_KINDS, MathTask, chat_renderer
 
     tokenizer = AutoTokenizer.from_pretrained(Path(lab_dir) / "base")
     return MathTask(chat_renderer(tokenizer), spec["heldout_size"], spec["heldout_seed"], spec["max_new_tokens"],
-                    spec["word_share"])
+                    spec["word_share"], spec.get("kinds", ARITHMETIC_KINDS))

@@ -15,13 +15,14 @@ from relex.lab.grading import grade
 from relex.lab.tasks import Problem, Task
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
+ARITHMETIC_KINDS = "+-*"
 NAMES = ("Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jack", "Kira", "Liam")
 ITEMS = ("apples", "stickers", "marbles", "books", "cookies", "stamps", "shells", "pencils")
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, int]:
-    """A sum, difference or product of small numbers."""
-    return arithmetic_problem(rng.choice("+-*"), rng)
+def _arithmetic(rng: random.Random, kinds: str = ARITHMETIC_KINDS) -> tuple[str, int]:
+    """A sum, difference or product of small numbers, its kind drawn from ``kinds``."""
+    return arithmetic_problem(rng.choice(kinds), rng)
 
 
 def arithmetic_problem(kind: str, rng: random.Random) -> tuple[str, int]:
@@ -54,20 +55,24 @@ def _word(rng: random.Random) -> tuple[str, int]:
 
 
 class MathTask(Task):
-    """Arithmetic and two-step word problems (a share ``word_share`` of them), each prompt rendered by ``render``.
+    """Arithmetic of ``kinds`` and two-step word problems (a share ``word_share``), each prompt rendered by ``render``.
 
     ``render`` maps a user message to the model's prompt text (``tokenizer.apply_chat_template`` with the
-    generation prompt); the held-out set depends only on ``heldout_size``, ``heldout_seed`` and ``word_share``.
+    generation prompt); the held-out set depends only on ``heldout_size``, ``heldout_seed``, ``word_share``
+    and ``kinds``.
     """
 
     name = "math"
 
     def __init__(self, render: Callable[[str], str], heldout_size: int = 200, heldout_seed: int = 1234,
-                 max_new_tokens: int = 96, word_share: float = 0.5) -> None:
+                 max_new_tokens: int = 96, word_share: float = 0.5, kinds: str = ARITHMETIC_KINDS) -> None:
         if not 0.0 <= word_share <= 1.0:
             raise ValueError(f"word_share {word_share} must be in [0, 1]")
+        if not kinds or set(kinds) - set(ARITHMETIC_KINDS):
+            raise ValueError(f"kinds {kinds!r} must be a non-empty string of {ARITHMETIC_KINDS!r}")
         self.render = render
         self.word_share = word_share
+        self.kinds = kinds
         self._max_new_tokens = max_new_tokens
         self._questions: dict[str, str] = {}  # rendered prompt -> the user message it renders
         super().__init__(digits=2, heldout_size=heldout_size, heldout_seed=heldout_seed)
@@ -81,7 +86,7 @@ class MathTask(Task):
         return self._max_new_tokens
 
     def _draw(self, rng: random.Random) -> Problem:
-        question, answer = (_word if rng.random() < self.word_share else _arithmetic)(rng)
+        question, answer = _word(rng) if rng.random() < self.word_share else _arithmetic(rng, self.kinds)
         message = f"{question}\n{INSTRUCTION}"
         prompt = self.render(message)
         self._questions[prompt] = message
@@ -99,7 +104,7 @@ class MathTask(Task):
     def spec(self) -> dict[str, Any]:
         return {"task": self.name, "digits": self.digits, "heldout_size": self.heldout_size,
                 "heldout_seed": self.heldout_seed, "max_new_tokens": self.max_new_tokens,
-                "word_share": self.word_share,
+                "word_share": self.word_share, "kinds": self.kinds,
                 "instruction": INSTRUCTION, "grader": "math-verify"}
 
 
