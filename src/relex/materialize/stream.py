@@ -53,6 +53,11 @@ def all_finite(values: torch.Tensor) -> bool:
     return all(math.isfinite(float(v)) for v in torch.aminmax(values.reshape(-1)))
 
 
+def _chunk_columns(n_steps: int) -> int:
+    """Columns of one cache-sized chunk of float64 deltas and base (n_steps + 1 rows of CHUNK_BYTES)."""
+    return max(1, CHUNK_BYTES // (8 * (n_steps + 1)))
+
+
 class Block:
     """Rows r0:r1 of one tensor in the base and every observed checkpoint, with float64 deltas by chunk.
 
@@ -101,7 +106,17 @@ class Block:
     def gram(self) -> torch.Tensor:
         """G = M M^T of the block's deltas (T x T, float64, on the CPU), the chunks' Grams summed in order."""
         gram = torch.zeros(self.n_steps, self.n_steps, dtype=torch.float64, device=self.device)
-        for part in self.map_chunks(lambda _, deltas, __: gram_of(deltas)):
+        # a stacked block's Gram by cache-sized column chunks too: on a CPU, one matmul over an 8 x 4M stack
+        # takes 2x as long (0.21 vs 0.10 s on one core); a GPU takes the whole block in one
+        width = _chunk_columns(self.n_steps) if self.device.type == "cpu" else max(self.numel, 1)
+
+        def chunk_gram(_: int, deltas: torch.Tensor, __: torch.Tensor) -> torch.Tensor:
+            part = gram_of(deltas[:, :width])
+            for c0 in range(width, deltas.shape[1], width):
+                part += gram_of(deltas[:, c0:c0 + width])
+            return part
+
+        for part in self.map_chunks(chunk_gram):
             gram += part
         return gram.cpu()
 
@@ -176,7 +191,7 @@ class DeltaStream:
         t = len(self.readers)
         on_cpu = self.device.type == "cpu"
         whole = stacked or not on_cpu  # converted once, kept for both passes
-        columns = max(1, min(n if whole else CHUNK_BYTES // (8 * (t + 1)), n))
+        columns = max(1, min(n if whole else _chunk_columns(t), n))
         workers = 1 if whole else self.workers
         row_dtype, n_rows = (torch.float64, t) if self.holds_deltas else (spec.dtype, t + 1)
         row_bytes = -(-n_rows * n * row_dtype.itemsize // 8) * 8  # the scratch after it starts 8-byte aligned
