@@ -42,6 +42,9 @@ def test_wrong_profile_for_the_model_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "relex", "lab", "--model", "smollm2-135m", "--profile", "paper",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--profile paper" in proc.stderr and not (tmp_path / "x").exists()
+    proc = subprocess.run([sys.executable, "-m", "relex", "lab", "--model", "smollm2-135m", "--lr", "0",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--lr 0 must be > 0" in proc.stderr and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
@@ -49,12 +52,14 @@ def test_llm_lab_ci_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "llm-ci"
     # both cores: the suite runs one test at a time, and the assertions hold for any thread count
     proc = subprocess.run([sys.executable, "-m", "relex", "lab", "--model", "smollm2-135m", "--profile", "ci",
-                           "--out", str(out), "--threads", "2", "-q"], capture_output=True, text=True, timeout=1800)
+                           "--out", str(out), "--threads", "2", "--lr", "1.5e-5", "-q"],
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llm-ci"]  # no temporary sibling left behind
     doc = json.loads((out / "report.json").read_text())
     T = doc["T"]
     assert T == 3 and doc["cutoffs"] == [2] and doc["task"]["grader"] == "math-verify"
+    assert doc["rl"]["lr"] == doc["rl"]["lr_used"] == 1.5e-5  # --lr over the profile's 1e-5
     assert 1.2e8 < doc["model"]["parameters"] < 1.5e8  # SmolLM2-135M, not a toy
     for step in range(1, T + 1):  # TRL's layout, a checkpoint every step
         assert (out / "run" / f"checkpoint-{step}" / "model.safetensors").is_file()

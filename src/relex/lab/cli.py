@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from relex.lab.llm_profiles import LLM_PROFILES
 from relex.lab.pretrained import MODELS
 from relex.lab.profiles import PROFILES, LoraSettings
 from relex.lab.tasks import TASKS
+
+P = TypeVar("P")  # a tiny-lab Profile or an LLMProfile: both frozen dataclasses with an ``rl`` RLConfig
 
 if any(importlib.util.find_spec(pkg) is None for pkg in ("transformers", "trl", "matplotlib")):
     raise ImportError("the lab needs the [lab] extra: pip install 'relex[lab]'")
@@ -26,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           f"smollm2-135m {'/'.join(LLM_PROFILES)} (default ci)")
     lab.add_argument("--out", type=Path, required=True, help="output folder (refused if it exists)")
     lab.add_argument("--seed", type=int, default=0, help="seed for every phase (default 0)")
+    lab.add_argument("--lr", type=float, help="GRPO learning rate instead of the profile's (its LoRA lr with --lora); "
+                                             "report.json records the one used")
     lab.add_argument("--lora", action="store_true",
                      help="train a LoRA adapter (q,k,v,o,gate,up,down projections) instead of every weight")
     lab.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8)")
@@ -89,12 +95,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise RelexError(f"--threads {args.threads} must be >= 1")
     if args.lora_rank < 1 or args.lora_alpha <= 0:
         raise RelexError(f"--lora-rank {args.lora_rank} must be >= 1 and --lora-alpha {args.lora_alpha:g} > 0")
+    if args.lr is not None and not args.lr > 0:
+        raise RelexError(f"--lr {args.lr:g} must be > 0")
     lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha) if args.lora else None
     if args.model == "tiny":
         profile = args.profile or "default"
         if profile not in PROFILES:
             raise RelexError(f"--profile {profile}: the tiny lab has {', '.join(PROFILES)}")
-        out = run_lab(PROFILES[profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+        out = run_lab(_with_lr(PROFILES[profile], args.lr, args.lora), args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
                       lora=lora, base=args.base, threads=args.threads)
     else:
         from relex.lab.llm_lab import run_llm_lab
@@ -104,12 +112,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
             raise RelexError(f"--profile {profile}: --model {args.model} has {', '.join(LLM_PROFILES)}")
         if args.base is not None:
             raise RelexError(f"--base starts the tiny lab from a model folder; --model {args.model} is its own base")
-        out = run_llm_lab(LLM_PROFILES[profile], args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+        out = run_llm_lab(_with_lr(LLM_PROFILES[profile], args.lr, args.lora), args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
                           lora=lora, threads=args.threads)
     if not args.quiet:
         print((out / "report.md").read_text(), end="")
         print(f"wrote {out}/report.json, report.md, accuracy.png")
     return 0
+
+
+def _with_lr(profile: P, lr: float | None, lora: bool) -> P:
+    """``profile`` with its GRPO learning rate (the LoRA one with ``lora``) set to ``lr`` when given."""
+    if lr is None:
+        return profile
+    return replace(profile, rl=replace(profile.rl, **{"lora_lr" if lora else "lr": lr}))
 
 
 def cmd_predict_extend(args: argparse.Namespace) -> int:
