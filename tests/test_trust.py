@@ -56,6 +56,10 @@ def test_diagnostics_tell_the_four_kinds_apart():
     assert diag["rotating"]["median"]["direction_drift_cos"] < 0.9 < diag["linear"]["median"]["direction_drift_cos"]
     assert "like a random walk" in verdict(diag["walk"], 1.0) and "no extrapolation" in verdict(diag["walk"], 1.0)
     assert "grows linearly" in verdict(diag["linear"], 4.0) and "4x" in verdict(diag["linear"], 4.0)
+    # a supported horizon says what it means: closer to the run's future than the cutoff, not better than it
+    for space in ("weight", "function"):
+        assert "not scoring better" in verdict(diag["linear"], 4.0, space=space)
+    assert "not scoring better" not in verdict(diag["walk"], 1.0) + verdict(diag["walk"], None)
 
 
 def adam_run(no_gradient: set[int], tiny_gradient: set[int], seed: int, steps: int = 16) -> TensorStats:
