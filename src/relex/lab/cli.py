@@ -102,8 +102,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         profile = args.profile or "default"
         if profile not in PROFILES:
             raise RelexError(f"--profile {profile}: the tiny lab has {', '.join(PROFILES)}")
-        out = run_lab(_with_lr(PROFILES[profile], args.lr, args.lora), args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
-                      lora=lora, base=args.base, threads=args.threads)
+        out = run_lab(_with_lr(PROFILES[profile], args.lr, args.lora), args.out, seed=args.seed,
+                      overwrite=args.overwrite, quiet=args.quiet, lora=lora, base=args.base, threads=args.threads)
     else:
         from relex.lab.llm_lab import run_llm_lab
 
@@ -112,8 +112,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
             raise RelexError(f"--profile {profile}: --model {args.model} has {', '.join(LLM_PROFILES)}")
         if args.base is not None:
             raise RelexError(f"--base starts the tiny lab from a model folder; --model {args.model} is its own base")
-        out = run_llm_lab(_with_lr(LLM_PROFILES[profile], args.lr, args.lora), args.out, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
-                          lora=lora, threads=args.threads)
+        out = run_llm_lab(_with_lr(LLM_PROFILES[profile], args.lr, args.lora), args.out, seed=args.seed,
+                          overwrite=args.overwrite, quiet=args.quiet, lora=lora, threads=args.threads)
     if not args.quiet:
         print((out / "report.md").read_text(), end="")
         print(f"wrote {out}/report.json, report.md, accuracy.png")
