@@ -169,9 +169,9 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
     if safe_horizon is not None:
         horizon += (" in function space (the probe's outputs)" if space == "function" else
                     " in weight space only (no probe: pass --probe FILE to check the model's outputs)")
-    if safe_horizon is not None and safe_horizon > 1:  # measured: a run past its peak is tracked down with it
-        horizon += (": such predictions stayed closer to the run's later checkpoints than the cutoff did, which "
-                    "is not scoring better than the cutoff if the run itself gets worse")
+        if safe_horizon > 1:  # measured: a run past its peak is tracked down with it
+            horizon += (": such predictions stayed closer to the run's later checkpoints than the cutoff did, "
+                        "which is not scoring better than the cutoff if the run itself gets worse")
     idle = idle_warning(diag["idle"], len(diag["steps"]))
     return f"The run {shape}, {path}; {fit}; {turn}; {horizon}." + (f" Warning: {idle}" if idle else "")
 

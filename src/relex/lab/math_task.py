@@ -20,7 +20,7 @@ NAMES = ("Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines",
 ITEMS = ("apples", "stickers", "marbles", "books", "cookies", "stamps", "shells", "pencils")
 
 
-def _arithmetic(rng: random.Random, kinds: str = ARITHMETIC_KINDS) -> tuple[str, int]:
+def _arithmetic(rng: random.Random, kinds: str) -> tuple[str, int]:
     """A sum, difference or product of small numbers, its kind drawn from ``kinds``."""
     return arithmetic_problem(rng.choice(kinds), rng)
 
