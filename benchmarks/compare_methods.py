@@ -3,7 +3,9 @@
 Runs ``relex extrapolate --method NAME`` (a subprocess, timed, memory sampled from /proc) from one
 cutoff to the targets T and 2T (T = the run's last step), scores every output on the lab task, and
 adds logits extrapolation (scored by decoding; it writes no weights) and the baseline every method
-must beat, ``stop``: the cutoff checkpoint itself. ExPO takes one target per run,
+must beat, ``stop``: the cutoff checkpoint itself, with each accuracy's paired difference to it (every model
+answers the same held-out problems, so the per-problem difference has a far smaller standard error than two
+accuracies' unpaired ones; the JSON keeps each model's right/wrong string). ExPO takes one target per run,
 with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. NExt runs twice: as published
 (no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
 (``relex lab --lora``: real checkpoints are adapters, merged onto the base to be scored and compared).
@@ -82,8 +84,8 @@ def main() -> None:
         for t in wanted:
             real = lab / "run" / f"checkpoint-{t}"
             score = scores[out / f"step-{t}"]
-            rows.append({"method": label, "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
-                         "weight_error": relative_weight_error(out / f"step-{t}", real, lab / "base")
+            rows.append({"method": label, "target": t, "score": score, "weight_error":
+                         relative_weight_error(out / f"step-{t}", real, lab / "base")
                          if real.is_dir() else None,
                          "seconds": cost["seconds"], "peak_anon_bytes": cost["peak_anon"]})
     anchor, cut = (load_model(d, b).to(args.device) for d, b in [(lab / "base", None),
@@ -92,30 +94,37 @@ def main() -> None:
     for t in targets if "logits" in wanted_methods else []:
         start = time.perf_counter()
         score = score_logits_extrapolation(anchor, cut, t / cutoff, tokenizer, task)
-        rows.append({"method": "logits", "target": t, "accuracy": score.accuracy, "stderr": score.stderr,
-                     "weight_error": None, "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
+        rows.append({"method": "logits", "target": t, "score": score, "weight_error": None,
+                     "seconds": time.perf_counter() - start, "peak_anon_bytes": None})
     real_scores = score_dirs([lab / "base", lab / "run" / f"checkpoint-{cutoff}", lab / "run" / f"checkpoint-{last}"],
                              task, tokenizer_dir=lab / "base", quiet=True, adapter_base=adapter_base,
                              device=args.device)
     stop = real_scores[lab / "run" / f"checkpoint-{cutoff}"]  # the baseline: keep the cutoff checkpoint
-    rows.insert(0, {"method": "stop", "target": last, "accuracy": stop.accuracy, "stderr": stop.stderr,
+    rows.insert(0, {"method": "stop", "target": last, "score": stop,
                     "weight_error": relative_weight_error(lab / "run" / f"checkpoint-{cutoff}",
                                                           lab / "run" / f"checkpoint-{last}", lab / "base"),
                     "seconds": 0.0, "peak_anon_bytes": None})
     shutil.rmtree(scratch, ignore_errors=True)
+    for r in rows:  # accuracy, and its paired difference to stopping on the same held-out problems
+        score = r.pop("score", None)
+        if score is not None:
+            r["vs_stop"], r["vs_stop_stderr"] = score.minus(stop)
+            r.update(accuracy=score.accuracy, stderr=score.stderr, outcomes=score.as_dict()["outcomes"])
     kind = f"LoRA rank {meta['lora']['rank']}" if meta.get("lora") else "full fine-tune"
     print(f"lab {meta['profile']} ({kind}) seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
           f"{real_scores[lab / 'base'].accuracy:.3f}, real at cutoff "
           f"{real_scores[lab / 'run' / f'checkpoint-{cutoff}'].accuracy:.3f}, real at T "
           f"{real_scores[lab / 'run' / f'checkpoint-{last}'].accuracy:.3f}")
-    print(f"{'method':>10} {'target':>6} {'accuracy':>14} {'weight err':>10} {'seconds':>8} {'peak anon':>10}")
+    print(f"{'method':>10} {'target':>6} {'accuracy':>14} {'vs stop, paired':>16} {'weight err':>10} {'seconds':>8} "
+          f"{'peak anon':>10}")
     for r in rows:
         if r.get("refused"):
             print(f"{r['method']:>10} {r['target']:>6}  refused: {r['refused']}")
             continue
         err = f"{r['weight_error']:.3f}" if r["weight_error"] is not None else "-"
         mem = f"{r['peak_anon_bytes'] / 1e6:.0f}M" if r["peak_anon_bytes"] else "-"
-        print(f"{r['method']:>10} {r['target']:>6} {r['accuracy']:>8.3f} ± {r['stderr']:.3f} {err:>10} "
+        vs = f"{r['vs_stop']:+.3f} ± {r['vs_stop_stderr']:.3f}"
+        print(f"{r['method']:>10} {r['target']:>6} {r['accuracy']:>8.3f} ± {r['stderr']:.3f} {vs:>16} {err:>10} "
               f"{r['seconds']:>8.1f} {mem:>10}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"lab": str(lab), "lora": meta.get("lora"), "cutoff": cutoff, "T": last, "rows": rows,

@@ -42,6 +42,22 @@ def test_addition_and_multiplication_answers() -> None:
         assert int(p.answer) == int(a) * int(d) and 2 <= int(d) <= 9
 
 
+def test_paired_difference_against_stopping() -> None:
+    """Two models that agree on most problems: the paired SE is the SE of the per-problem differences."""
+    from relex.lab.evaluate import Score
+
+    stop = Score((True,) * 30 + (False,) * 70)
+    method = Score((True,) * 28 + (False, False) + (True,) * 6 + (False,) * 64)  # 6 gains, 2 losses
+    mean, se = method.minus(stop)
+    assert (method.correct, method.total) == (34, 100) and math.isclose(mean, 0.04)
+    diffs = [1] * 6 + [-1] * 2 + [0] * 92
+    var = sum((d - 0.04) ** 2 for d in diffs) / 99
+    assert math.isclose(se, math.sqrt(var / 100)) and se < method.stderr  # far tighter than unpaired
+    assert stop.minus(stop) == (0.0, 0.0) and method.as_dict()["outcomes"].count("1") == 34
+    with pytest.raises(ValueError, match="same problems"):
+        method.minus(Score((True,)))
+
+
 def test_verifier_is_the_reward() -> None:
     task = Addition(digits=2, heldout_size=10)
     assert task.verify(" 42 ", "42") and not task.verify("420", "42") and not task.verify("", "42")

@@ -106,12 +106,12 @@ def test_eval_dataset_cli_on_a_real_model(tmp_path: Path) -> None:
     """`relex eval MODEL --dataset` end to end on a pico HF model: every item graded, pass@1 with its stderr."""
     from conftest import save_pico_model
 
-    model = save_pico_model(tmp_path / "pico")
+    model, other = save_pico_model(tmp_path / "pico"), save_pico_model(tmp_path / "pico2", seed=1)
     data = tmp_path / "d.jsonl"
     write_dataset(data, [Item("1+2=", "3"), Item("2+2=", "4"), Item("9+9=", "18")])
     out = tmp_path / "scores.json"
-    proc = subprocess.run([sys.executable, "-m", "relex", "eval", str(model), "--dataset", str(data),
-                           "--max-new-tokens", "4", "--batch-size", "2", "--json", str(out), "-q"],
+    proc = subprocess.run([sys.executable, "-m", "relex", "eval", str(model), str(other), "--dataset", str(data),
+                           "--max-new-tokens", "4", "--batch-size", "2", "--json", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -119,6 +119,9 @@ def test_eval_dataset_cli_on_a_real_model(tmp_path: Path) -> None:
     assert doc["grader"] == "math-verify" and doc["items"] == 3 and score["total"] == 3
     p = score["accuracy"]
     assert score["correct"] == round(3 * p) and math.isclose(score["stderr"], math.sqrt(p * (1 - p) / 3))
+    assert len(score["outcomes"]) == 3 and score["outcomes"].count("1") == score["correct"]
+    lines = proc.stdout.strip().splitlines()  # one per model; the second with its paired difference to the first
+    assert len(lines) == 2 and "paired" not in lines[0] and "vs the first, paired" in lines[1]
 
 
 def test_eval_dataset_refuses_bad_input(tmp_path: Path) -> None:

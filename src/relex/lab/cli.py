@@ -192,14 +192,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_scores(scores: dict, args: argparse.Namespace, metric: str) -> None:
-    """One number per line with --score-only, else one aligned line per model (nothing with -q)."""
+    """One number per line with --score-only, else one aligned line per model (nothing with -q); every model
+    after the first also gets its paired difference to the first (same items: e.g. against the cutoff)."""
     if args.score_only:
         for s in scores.values():
             print(f"{s.accuracy:.6f}")
     elif not args.quiet:
         width = max(len(str(m)) for m in scores)
-        for model, s in scores.items():
-            print(f"{str(model):<{width}}  {metric} {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total})")
+        first = next(iter(scores.values()))
+        for i, (model, s) in enumerate(scores.items()):
+            paired = "  {:+.4f} ± {:.4f} vs the first, paired".format(*s.minus(first)) if i else ""
+            print(f"{str(model):<{width}}  {metric} {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total}){paired}")
 
 
 def _eval_dataset(args: argparse.Namespace) -> int:

@@ -90,7 +90,7 @@ def score_vllm(model_dir: Path, problems: list[Problem], max_new_tokens: int) ->
     llm = LLM(model=str(model_dir), dtype="auto", seed=0)
     outputs = llm.generate([p.prompt for p in problems], SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
     texts = [o.outputs[0].text for o in outputs]
-    return Score(sum(grade(t, p.answer) for t, p in zip(texts, problems, strict=True)), len(problems))
+    return Score(tuple(grade(t, p.answer) for t, p in zip(texts, problems, strict=True)))
 
 
 def score_dataset(model_dirs: list[Path], items: list[Item], backend: str = "hf", max_new_tokens: int = 512,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +25,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Score:
-    """Accuracy on a held-out set with its binomial standard error sqrt(p(1-p)/n)."""
+    """Which held-out problems a model answered right, in order: accuracy with its binomial standard error,
+    and the paired difference to another model scored on the same problems."""
 
-    correct: int
-    total: int
+    outcomes: tuple[bool, ...]
+
+    @property
+    def correct(self) -> int:
+        return sum(self.outcomes)
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
 
     @property
     def accuracy(self) -> float:
@@ -39,8 +47,19 @@ class Score:
         p = self.accuracy
         return math.sqrt(p * (1 - p) / self.total)
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {**asdict(self), "accuracy": self.accuracy, "stderr": self.stderr}
+    def minus(self, other: "Score") -> tuple[float, float]:
+        """(mean, standard error) of the per-problem difference self - other: the paired comparison, far
+        tighter than two unpaired standard errors when the models agree on most problems."""
+        if other.total != self.total:
+            raise ValueError(f"paired scores need the same problems: {self.total} vs {other.total}")
+        diffs = [int(a) - int(b) for a, b in zip(self.outcomes, other.outcomes)]
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
+        return mean, math.sqrt(var / len(diffs))
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"correct": self.correct, "total": self.total, "accuracy": self.accuracy, "stderr": self.stderr,
+                "outcomes": "".join("1" if o else "0" for o in self.outcomes)}
 
 
 def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> PreTrainedTokenizerBase:
@@ -95,7 +114,7 @@ def score_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task
     """Greedy-decode every held-out prompt (or the given ``problems``) and count verified answers."""
     problems = task.heldout if problems is None else problems
     texts = greedy_completions(model, tokenizer, problems, task.max_new_tokens, batch_size)
-    return Score(sum(task.verify(t, p.answer) for t, p in zip(texts, problems, strict=True)), len(problems))
+    return Score(tuple(task.verify(t, p.answer) for t, p in zip(texts, problems, strict=True)))
 
 
 @torch.inference_mode()
@@ -104,15 +123,15 @@ def score_logits_extrapolation(anchor: PreTrainedModel, cutoff: PreTrainedModel,
     """Greedy held-out accuracy of decoding from l_anchor + alpha (l_cut - l_anchor), both with KV caches."""
     from relex.inference import generate_extrapolated
 
-    correct = 0
+    outcomes: list[bool] = []
     for start in range(0, len(task.heldout), batch_size):
         batch = task.heldout[start:start + batch_size]
         enc = tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True).to(anchor.device)
         new = generate_extrapolated(anchor, cutoff, enc["input_ids"], enc["attention_mask"], alpha,
                                     task.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        correct += sum(task.verify(t, p.answer) for t, p in zip(texts, batch, strict=True))
-    return Score(correct, len(task.heldout))
+        outcomes += [task.verify(t, p.answer) for t, p in zip(texts, batch, strict=True)]
+    return Score(tuple(outcomes))
 
 
 def score_dirs(model_dirs: list[Path], task: Task, tokenizer_dir: Path | None = None, batch_size: int = 512,
