@@ -48,8 +48,8 @@ class Score:
         return math.sqrt(p * (1 - p) / self.total)
 
     def minus(self, other: "Score") -> tuple[float, float]:
-        """(mean, standard error) of the per-problem difference self - other: the paired comparison, far
-        tighter than two unpaired standard errors when the models agree on most problems."""
+        """(mean, standard error) of the per-problem difference self - other: the paired comparison, tighter
+        than two unpaired standard errors when the models agree on most problems."""
         if other.total != self.total:
             raise ValueError(f"paired scores need the same problems: {self.total} vs {other.total}")
         diffs = [int(a) - int(b) for a, b in zip(self.outcomes, other.outcomes)]
