@@ -52,7 +52,7 @@ def test_paired_difference_against_stopping() -> None:
     assert (method.correct, method.total) == (34, 100) and math.isclose(mean, 0.04)
     diffs = [1] * 6 + [-1] * 2 + [0] * 92
     var = sum((d - 0.04) ** 2 for d in diffs) / 99
-    assert math.isclose(se, math.sqrt(var / 100)) and se < method.stderr  # tighter than unpaired: they agree on 92 of 100
+    assert math.isclose(se, math.sqrt(var / 100)) and se < method.stderr  # tighter: they agree on 92 of 100
     assert stop.minus(stop) == (0.0, 0.0) and method.as_dict()["outcomes"].count("1") == 34
     with pytest.raises(ValueError, match="same problems"):
         method.minus(Score((True,)))

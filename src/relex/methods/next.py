@@ -128,7 +128,8 @@ def train_group(group: _Group, hidden: int, step_input: bool, epochs: int, lr: f
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _Predictor(y.shape[1], hidden, step_input)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)  # one pass over the weights: 2x on a 75M-weight group
+    # fused: one pass over the weights a step, 2x faster on the 75M weights of a 49152-long factor group
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.1 * lr)
     loss = torch.tensor(float("nan"))
     with _one_thread():
