@@ -6,8 +6,8 @@ adds logits extrapolation (scored by decoding; it writes no weights) and the bas
 must beat, ``stop``: the cutoff checkpoint itself, with each accuracy's paired difference to it (every model
 answers the same held-out problems: the per-problem difference's standard error, smaller than two accuracies'
 unpaired ones when the models agree on most problems; the JSON keeps each model's right/wrong string).
-ExPO takes one target per run, with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step. NExt runs twice: as published
-(no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
+ExPO takes one target per run, with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step.
+NExt runs twice: as published (no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
 (``relex lab --lora``: real checkpoints are adapters, merged onto the base to be scored and compared).
 Works on LLM lab runs too (``relex lab --model smollm2-135m``: the chat-templated math task graded by
 math-verify, rebuilt from the run's report). ``auto`` is ``relex extrapolate --auto --force`` (the method
