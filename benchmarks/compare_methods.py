@@ -7,8 +7,9 @@ must beat, ``stop``: the cutoff checkpoint itself, with each accuracy's paired d
 answers the same held-out problems: the per-problem difference's standard error, smaller than two accuracies'
 unpaired ones when the models agree on most problems; the JSON keeps each model's right/wrong string).
 ExPO takes one target per run, with alpha = (target - cutoff) / cutoff, i.e. aimed at the same step.
-NExt runs twice: as published (no step input) and with the step input (``next+step``). Works on full fine-tune and LoRA lab runs
-(``relex lab --lora``: real checkpoints are adapters, merged onto the base to be scored and compared).
+NExt runs twice: as published (no step input) and with the step input (``next+step``).
+Works on full fine-tune and LoRA lab runs (``relex lab --lora``: real checkpoints are adapters, merged onto
+the base to be scored and compared).
 Works on LLM lab runs too (``relex lab --model smollm2-135m``: the chat-templated math task graded by
 math-verify, rebuilt from the run's report). ``auto`` is ``relex extrapolate --auto --force`` (the method
 its backtest picks, written even beyond the safe horizon it reports). Prints a table, writes JSON.
@@ -109,7 +110,7 @@ def main() -> None:
         score = r.pop("score", None)
         if score is not None:
             r["vs_stop"], r["vs_stop_stderr"] = score.minus(stop)
-            r.update(accuracy=score.accuracy, stderr=score.stderr, outcomes=score.as_dict()["outcomes"])
+            r.update(score.as_dict())
     kind = f"LoRA rank {meta['lora']['rank']}" if meta.get("lora") else "full fine-tune"
     print(f"lab {meta['profile']} ({kind}) seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
           f"{real_scores[lab / 'base'].accuracy:.3f}, real at cutoff "
