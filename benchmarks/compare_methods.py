@@ -57,7 +57,7 @@ def main() -> None:
     task = lab_task(lab)
     last, cutoff = meta["T"], args.cutoff or meta["cutoffs"][0]
     targets = [last, 2 * last]
-    scratch = lab / "compare-outputs"
+    scratch = lab / f"compare-outputs-cut{cutoff}"  # per cutoff: two cutoffs of one lab can run side by side
     shutil.rmtree(scratch, ignore_errors=True)
     runs = [("relex", "relex", [], targets), ("two-point", "two-point", [], targets),
             ("alpharl", "alpharl", [], targets), ("next", "next", [], targets),
