@@ -113,8 +113,7 @@ def main() -> None:
             r.update(score.as_dict())
     kind = f"LoRA rank {meta['lora']['rank']}" if meta.get("lora") else "full fine-tune"
     print(f"lab {meta['profile']} ({kind}) seed {meta['seed']}, cutoff {cutoff}, T = {last}; accuracy of base "
-          f"{real_scores[lab / 'base'].accuracy:.3f}, real at cutoff "
-          f"{real_scores[lab / 'run' / f'checkpoint-{cutoff}'].accuracy:.3f}, real at T "
+          f"{real_scores[lab / 'base'].accuracy:.3f}, real at cutoff {stop.accuracy:.3f}, real at T "
           f"{real_scores[lab / 'run' / f'checkpoint-{last}'].accuracy:.3f}")
     print(f"{'method':>10} {'target':>6} {'accuracy':>14} {'vs stop, paired':>16} {'weight err':>10} {'seconds':>8} "
           f"{'peak anon':>10}")
