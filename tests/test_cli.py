@@ -32,7 +32,7 @@ def test_extrapolate_and_analyze_end_to_end(pico, tmp_path):
 
     report = tmp_path / "report.json"
     done = relex("analyze", "--base", base, "--run", run, "--cutoff", 8, "--compare", "--json", report,
-                 "--cache", cache, "-q")
+                 "--cache", cache, "--threads", 1, "-q")
     assert done.returncode == 0, done.stderr
     assert "Trajectory summary" in done.stdout and "Worst" in done.stdout
     data = json.loads(report.read_text())

@@ -31,6 +31,8 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cutoff", type=int, help="last observed step (default: all checkpoints)")
     p.add_argument("--memory-budget", default="2GB", help="bound on the process's own memory (default 2GB)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's, one per core); 1 keeps a shared machine responsive")
     p.add_argument("--cache", type=Path, help="statistics cache folder (default ~/.cache/relex)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
@@ -396,6 +398,17 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _set_threads(threads: int | None) -> None:
+    """Apply --threads (every command that has it) before any work starts."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise RelexError(f"--threads {threads} must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -403,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     handles_signals = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_signals else None
     try:
+        _set_threads(getattr(args, "threads", None))
         return args.func(args)
     except RelexError as exc:
         print(f"relex: error: {exc}", file=sys.stderr)

@@ -91,8 +91,6 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if not args.lora and (args.lora_rank, args.lora_alpha) != (8, 16.0):
         raise RelexError("--lora-rank and --lora-alpha need --lora")
-    if args.threads < 1:
-        raise RelexError(f"--threads {args.threads} must be >= 1")
     if args.lora_rank < 1 or args.lora_alpha <= 0:
         raise RelexError(f"--lora-rank {args.lora_rank} must be >= 1 and --lora-alpha {args.lora_alpha:g} > 0")
     if args.lr is not None and not args.lr > 0:
