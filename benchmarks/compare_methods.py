@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, help="last observed step (default: the lab's first cutoff)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_methods.json"))
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for scoring (default 1, as in the lab: a second busy-waiting "
+                        help="torch CPU threads for extrapolating and scoring (default 1, as in the lab: a second busy-waiting "
                              "thread on a shared 2-core machine makes decoding several times slower)")
     parser.add_argument("--device", default="cpu", help="where outputs are scored: cpu (default) or cuda")
     parser.add_argument("--methods", nargs="+", metavar="NAME",
@@ -70,7 +70,8 @@ def main() -> None:
     for label, method, extra, wanted in runs:
         out = scratch / f"{label}-{wanted[0]}"
         cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(lab / "base"), "--run", str(lab / "run"),
-               "--cutoff", str(cutoff), "--method", method, "--out", str(out), "--no-cache", "-q", *extra]
+               "--cutoff", str(cutoff), "--method", method, "--out", str(out), "--threads", str(args.threads),
+               "--no-cache", "-q", *extra]
         for t in wanted:
             cmd += ["--target", str(t)]
         try:
