@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, help="last observed step (default: the lab's first cutoff)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_methods.json"))
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for extrapolating and scoring (default 1, as in the lab: a second busy-waiting "
-                             "thread on a shared 2-core machine makes decoding several times slower)")
+                        help="torch CPU threads for extrapolating and scoring (default 1, as in the lab: a second "
+                             "busy-waiting thread on a shared 2-core machine makes decoding several times slower)")
     parser.add_argument("--device", default="cpu", help="where outputs are scored: cpu (default) or cuda")
     parser.add_argument("--methods", nargs="+", metavar="NAME",
                         help="only these (of relex two-point alpharl next next+step auto expo logits; default all): "

@@ -1,0 +1,100 @@
+"""Pool compare_methods results over seeds: each method's paired gain over stopping, per seed and together.
+
+    python benchmarks/pool_seeds.py benchmarks/results/compare_llm_v2_lr5e-6_s*_cut4*.json \
+        --json benchmarks/results/pool_llm_v2_lr5e-6_cut4.json
+
+Files are grouped into runs by their lab folder and cutoff; a later file of one run fills rows an earlier one
+refused (a re-run of some methods). Every run must have scored the same held-out problems (a lab's held-out
+set is fixed; its size is checked). Pooled: the per-problem difference to stopping, averaged over the runs,
+with its standard error over problems (it holds the seeds fixed), and the standard deviation of the per-run
+gains (how much a gain moves from seed to seed: what tells a user how often extrapolating pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+
+def load_runs(paths: list[Path]) -> dict[tuple[str, int], dict]:
+    """{(lab, cutoff): {"stop": outcomes, "T": T, (method, target): row}} with re-runs merged in file order."""
+    runs: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        run = runs.setdefault((data["lab"], data["cutoff"]), {"T": data["T"]})
+        for row in data["rows"]:
+            if row["method"] == "stop":
+                run["stop"] = row
+            elif not row.get("refused") or (row["method"], row["target"]) not in run:
+                run[(row["method"], row["target"])] = row
+        run["real_T"] = next(v for k, v in data["real"].items() if k.endswith(f"checkpoint-{data['T']}"))
+    return runs
+
+
+def paired(rows: list[dict], stops: list[dict]) -> tuple[float, float]:
+    """Mean and standard error over problems of the per-problem difference to stopping, averaged over runs."""
+    n = len(stops[0]["outcomes"])
+    diffs = [sum(int(r["outcomes"][j]) - int(s["outcomes"][j]) for r, s in zip(rows, stops)) / len(rows)
+             for j in range(n)]
+    mean = sum(diffs) / n
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+
+
+def pool(runs: dict[tuple[str, int], dict]) -> list[dict]:
+    """One row per (method, target): every run's paired gain, then the pooled one (runs of one cutoff)."""
+    sizes = {len(r["stop"]["outcomes"]) for r in runs.values()}
+    if len(sizes) != 1:
+        raise SystemExit(f"the runs scored different held-out sets (sizes {sorted(sizes)}): they cannot be paired")
+    seen = dict.fromkeys(k for r in runs.values() for k in r if isinstance(k, tuple))  # compare_methods' order
+    keys = sorted(seen, key=lambda k: k[1])
+    out = []
+    for method, target in keys:
+        found = [(lab, r[(method, target)], r["stop"]) for (lab, _), r in runs.items()
+                 if (method, target) in r and not r[(method, target)].get("refused")]
+        if not found:
+            continue
+        per_run = [{"lab": lab, "vs_stop": row["vs_stop"], "stderr": row["vs_stop_stderr"],
+                    "accuracy": row["accuracy"], "weight_error": row["weight_error"]} for lab, row, _ in found]
+        mean, se = paired([row for _, row, _ in found], [stop for *_, stop in found])
+        gains = [p["vs_stop"] for p in per_run]
+        out.append({"method": method, "target": target, "runs": per_run, "pooled": mean, "pooled_stderr": se,
+                     "between_run_sd": statistics.stdev(gains) if len(gains) > 1 else None,
+                     "above_2se": sum(p["vs_stop"] > 2 * p["stderr"] for p in per_run),
+                     "below_2se": sum(p["vs_stop"] < -2 * p["stderr"] for p in per_run)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, help="compare_methods.py JSON files")
+    parser.add_argument("--json", type=Path, help="also write the pooled rows here")
+    args = parser.parse_args()
+    runs = load_runs(args.files)
+    result = {}
+    for cutoff in sorted({c for _, c in runs}):
+        these = {key: run for key, run in sorted(runs.items()) if key[1] == cutoff}
+        result[cutoff] = rows = pool(these)
+        print(f"cutoff {cutoff}, {len(these)} runs; accuracy in %, gains are paired differences to stopping:")
+        for i, ((lab, _), run) in enumerate(these.items()):
+            print(f"  run {i}: {lab}: stop {100 * run['stop']['accuracy']:.1f}, real at T={run['T']} "
+                  f"{100 * run['real_T']['accuracy']:.1f}")
+        print(f"{'method':>10} {'target':>6} " + " ".join(f"{'run ' + str(i):>13}" for i in range(len(these)))
+              + f" {'pooled':>13} {'seed sd':>7} {'>2SE':>4} {'<-2SE':>5}")
+        for r in rows:
+            cells = {p["lab"]: f"{100 * p['vs_stop']:+.1f} ± {100 * p['stderr']:.1f}" for p in r["runs"]}
+            by_run = [cells.get(lab, "-") for lab, _ in these]
+            sd = f"{100 * r['between_run_sd']:.1f}" if r["between_run_sd"] is not None else "-"
+            pooled = f"{100 * r['pooled']:+.1f} ± {100 * r['pooled_stderr']:.1f}"
+            print(f"{r['method']:>10} {r['target']:>6} " + " ".join(f"{c:>13}" for c in by_run)
+                  + f" {pooled:>13} {sd:>7} {r['above_2se']:>4} {r['below_2se']:>5}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"files": [str(p) for p in args.files],
+                                         "cutoffs": {str(c): rows for c, rows in result.items()}}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
