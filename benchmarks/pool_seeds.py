@@ -34,17 +34,28 @@ def load_runs(paths: list[Path]) -> dict[tuple[str, int], dict]:
     return runs
 
 
-def paired(rows: list[dict], stops: list[dict]) -> tuple[float, float]:
-    """Mean and standard error over problems of the per-problem difference to stopping, averaged over runs."""
-    n = len(stops[0]["outcomes"])
-    diffs = [sum(int(r["outcomes"][j]) - int(s["outcomes"][j]) for r, s in zip(rows, stops)) / len(rows)
-             for j in range(n)]
+def paired(rows: list[dict], stops: list[dict], problems: slice = slice(None)) -> tuple[float, float]:
+    """Mean and standard error over ``problems`` of the per-problem difference to stopping, averaged over runs."""
+    columns = [(r["outcomes"][problems], s["outcomes"][problems]) for r, s in zip(rows, stops)]
+    n = len(columns[0][0])
+    diffs = [sum(int(o[j]) - int(so[j]) for o, so in columns) / len(columns) for j in range(n)]
     mean = sum(diffs) / n
     return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
 
-def pool(runs: dict[tuple[str, int], dict]) -> list[dict]:
-    """One row per (method, target): every run's paired gain, then the pooled one (runs of one cutoff)."""
+def validation_check(row: dict, stop: dict, k: int, margin: float) -> dict:
+    """What a user with k verifiable problems of their own would do: keep the prediction only when its paired
+    gain over stopping on them exceeds ``margin`` standard errors; scored on the remaining problems."""
+    mean, se = paired([row], [stop], slice(None, k))
+    test, _ = paired([row], [stop], slice(k, None))
+    chosen = mean > margin * se and mean > 0
+    return {"validation_gain": mean, "validation_stderr": se, "chosen": chosen, "test_gain": test,
+            "check_test_gain": test if chosen else 0.0}
+
+
+def pool(runs: dict[tuple[str, int], dict], validate: int | None = None, margin: float = 2.0) -> list[dict]:
+    """One row per (method, target): every run's paired gain, then the pooled one (runs of one cutoff); with
+    ``validate``, each run's validation check on its first ``validate`` problems, scored on the rest."""
     sizes = {len(r["stop"]["outcomes"]) for r in runs.values()}
     if len(sizes) != 1:
         raise SystemExit(f"the runs scored different held-out sets (sizes {sorted(sizes)}): they cannot be paired")
@@ -57,7 +68,8 @@ def pool(runs: dict[tuple[str, int], dict]) -> list[dict]:
         if not found:
             continue
         per_run = [{"lab": lab, "vs_stop": row["vs_stop"], "stderr": row["vs_stop_stderr"],
-                    "accuracy": row["accuracy"], "weight_error": row["weight_error"]} for lab, row, _ in found]
+                    "accuracy": row["accuracy"], "weight_error": row["weight_error"],
+                    **(validation_check(row, stop, validate, margin) if validate else {})} for lab, row, stop in found]
         mean, se = paired([row for _, row, _ in found], [stop for *_, stop in found])
         gains = [p["vs_stop"] for p in per_run]
         out.append({"method": method, "target": target, "runs": per_run, "pooled": mean, "pooled_stderr": se,
@@ -70,13 +82,17 @@ def pool(runs: dict[tuple[str, int], dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="compare_methods.py JSON files")
+    parser.add_argument("--validate", type=int, metavar="K",
+                        help="also score a validation check: decide on the first K held-out problems, test on the rest")
+    parser.add_argument("--margin", type=float, default=2.0,
+                        help="--validate: standard errors by which the prediction must beat stopping (default 2)")
     parser.add_argument("--json", type=Path, help="also write the pooled rows here")
     args = parser.parse_args()
     runs = load_runs(args.files)
     result = {}
     for cutoff in sorted({c for _, c in runs}):
         these = {key: run for key, run in sorted(runs.items()) if key[1] == cutoff}
-        result[cutoff] = rows = pool(these)
+        result[cutoff] = rows = pool(these, args.validate, args.margin)
         print(f"cutoff {cutoff}, {len(these)} runs; accuracy in %, gains are paired differences to stopping:")
         for i, ((lab, _), run) in enumerate(these.items()):
             print(f"  run {i}: {lab}: stop {100 * run['stop']['accuracy']:.1f}, real at T={run['T']} "
@@ -90,6 +106,18 @@ def main() -> None:
             pooled = f"{100 * r['pooled']:+.1f} ± {100 * r['pooled_stderr']:.1f}"
             print(f"{r['method']:>10} {r['target']:>6} " + " ".join(f"{c:>13}" for c in by_run)
                   + f" {pooled:>13} {sd:>7} {r['above_2se']:>4} {r['below_2se']:>5}")
+        if args.validate:
+            print(f"validation check (first {args.validate} problems decide at {args.margin:g} SE; the other "
+                  "problems score it): gain over stopping on the test problems, mean over runs, in points")
+            print(f"{'method':>10} {'target':>6} {'chosen':>7} {'check':>7} {'always':>7}  per run: validation -> test")
+            for r in rows:
+                runs_ = r["runs"]
+                check = 100 * sum(p["check_test_gain"] for p in runs_) / len(runs_)
+                always = 100 * sum(p["test_gain"] for p in runs_) / len(runs_)
+                detail = ", ".join(f"{100 * p['validation_gain']:+.1f}{'*' if p['chosen'] else ''} -> "
+                                   f"{100 * p['test_gain']:+.1f}" for p in runs_)
+                print(f"{r['method']:>10} {r['target']:>6} {sum(p['chosen'] for p in runs_):>3}/{len(runs_):<3} "
+                      f"{check:>+7.1f} {always:>+7.1f}  {detail}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"files": [str(p) for p in args.files],

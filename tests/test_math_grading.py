@@ -111,7 +111,7 @@ def test_eval_dataset_cli_on_a_real_model(tmp_path: Path) -> None:
     write_dataset(data, [Item("1+2=", "3"), Item("2+2=", "4"), Item("9+9=", "18")])
     out = tmp_path / "scores.json"
     proc = subprocess.run([sys.executable, "-m", "relex", "eval", str(model), str(other), "--dataset", str(data),
-                           "--max-new-tokens", "4", "--batch-size", "2", "--json", str(out)],
+                           "--max-new-tokens", "4", "--batch-size", "2", "--threads", "1", "--json", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())

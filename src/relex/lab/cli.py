@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="with --dataset: HF generate (default) or vLLM (needs vllm and a CUDA GPU)")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="with --dataset: generation budget (default 512)")
     ev.add_argument("--batch-size", type=int, default=512, help="prompts per generate call (default 512)")
+    ev.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's, one per core)")
     ev.add_argument("--json", type=Path, help="also write the scores as JSON here")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print nothing but errors")
     ev.set_defaults(func=cmd_eval)
