@@ -1,13 +1,15 @@
 """Pool compare_methods results over seeds: each method's paired gain over stopping, per seed and together.
 
-    python benchmarks/pool_seeds.py benchmarks/results/compare_llm_v2_lr5e-6_s*_cut4*.json \
-        --json benchmarks/results/pool_llm_v2_lr5e-6_cut4.json
+    python benchmarks/pool_seeds.py benchmarks/results/compare_llm_v2_lr5e-6_s*_cut*.json --validate 64 \
+        --json benchmarks/results/pool_llm_v2_lr5e-6.json
 
 Files are grouped into runs by their lab folder and cutoff; a later file of one run fills rows an earlier one
 refused (a re-run of some methods). Every run must have scored the same held-out problems (a lab's held-out
 set is fixed; its size is checked). Pooled: the per-problem difference to stopping, averaged over the runs,
 with its standard error over problems (it holds the seeds fixed), and the standard deviation of the per-run
 gains (how much a gain moves from seed to seed: what tells a user how often extrapolating pays).
+``--validate K`` also scores the check a user can run without later checkpoints: keep the prediction only if
+it beats stopping by ``--margin`` standard errors on the first K problems, and score that choice on the rest.
 """
 
 from __future__ import annotations
