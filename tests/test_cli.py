@@ -22,6 +22,7 @@ def test_extrapolate_and_analyze_end_to_end(pico, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(out / "step-50"), str(out / "step-100")]
     assert "relex -> 2 target(s)" in done.stderr  # a progress bar was shown
+    assert f"relex eval {run / 'checkpoint-13'} {out / 'step-50'} --dataset" in done.stderr  # the check to run next
     for step in (50, 100):
         folder = out / f"step-{step}"
         assert (folder / "model.safetensors.index.json").is_file()

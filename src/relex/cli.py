@@ -210,7 +210,17 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     if not args.quiet:
         for folder in folders:
             print(folder)
+        if folders and not args.reconstruct:
+            _hint_check(method.trajectory_.checkpoints[-1].path, folders[0])
     return 0
+
+
+def _hint_check(cutoff_dir: Path, prediction: Path) -> None:
+    """Point at the one check that told extrapolations that helped from ones that hurt (docs/trust.md)."""
+    print(f"relex: before using a prediction, compare it with the cutoff checkpoint on held-out problems your "
+          f"verifier grades, e.g. `relex eval {cutoff_dir} {prediction} --dataset FILE.jsonl` (a paired "
+          "difference): on the LLM lab, windows that looked alike gained 10 points or lost 20 (docs/trust.md)",
+          file=sys.stderr)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
