@@ -47,6 +47,21 @@ def test_wrong_profile_for_the_model_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--lr 0 must be > 0" in proc.stderr and not (tmp_path / "x").exists()
 
 
+def test_a_disk_too_small_is_refused_before_grpo(tmp_path: Path) -> None:
+    """The check sizes the run from the model's bytes and refuses with the numbers, writing nothing."""
+    from relex.errors import RelexError
+    from relex.lab.llm_lab import check_disk
+    from relex.lab.llm_profiles import LLM_PROFILES
+
+    ci, out = LLM_PROFILES["ci"], tmp_path / "deep" / "lab"
+    check_disk(out, ci, model_bytes=1_000, lora=False)  # a few kB fit anywhere
+    with pytest.raises(RelexError, match=r"lab: the lab writes about .* \(3 checkpoints and 4 extrapolations .* GB free"):
+        check_disk(out, ci, model_bytes=10**17, lora=False)
+    with pytest.raises(RelexError, match=r"\(0 checkpoints and 4 extrapolations"):
+        check_disk(out, ci, model_bytes=10**17, lora=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_llm_lab_ci_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "llm-ci"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from relex.errors import RelexError
 from relex.lab import report
-from relex.lab.lab import _Clock, building, extrapolate_and_measure, point_adapters_at, quiet_libraries
+from relex.lab.lab import _Clock, building, cutoff_steps, extrapolate_and_measure, point_adapters_at, quiet_libraries
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
 
@@ -35,6 +35,25 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _model_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weights (what each full checkpoint and each extrapolation writes again)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def check_disk(out: Path, profile: LLMProfile, model_bytes: int, lora: bool) -> None:
+    """Refuse before GRPO when the disk under ``out`` cannot hold the run: full checkpoints (none for LoRA,
+    whose adapters are small) plus RELEX and two-point to T and 2T from each cutoff, with 10% to spare."""
+    checkpoints = 0 if lora else -(-profile.rl.steps // profile.rl.save_every)
+    extrapolations = 2 * 2 * len(cutoff_steps(profile.cutoffs, profile.rl.steps))
+    needed = int(1.1 * model_bytes * (checkpoints + extrapolations))
+    where = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise RelexError(f"{out}: the lab writes about {needed / 1e9:.1f} GB ({checkpoints} checkpoints and "
+                         f"{extrapolations} extrapolations of {model_bytes / 1e6:.0f} MB) but {where} has "
+                         f"{free / 1e9:.1f} GB free; free some or choose another --out")
 
 
 def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False,
@@ -60,6 +79,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
     clock = _Clock()
     with clock.phase("convert"):
         theta0 = ensure_model(profile.model, quiet)
+    check_disk(out, profile, _model_bytes(theta0), lora is not None)
     with building(out) as tmp:
         base_dir, run_dir = tmp / "base", tmp / "run"
         shutil.copytree(theta0, base_dir, copy_function=_link_or_copy)
