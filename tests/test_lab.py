@@ -171,6 +171,12 @@ def test_ci_lab_end_to_end(ci_lab: Path) -> None:
         assert (r["weight_error"] is not None) == (r["step"] == last)
         if r["weight_error"] is not None:
             assert math.isfinite(r["weight_error"]) and r["weight_error"] >= 0
+        # paired to its cutoff checkpoint over the same problems: the mean difference is the accuracy difference
+        stop = next(x for x in report["rows"] if x["method"] == "rlvr" and x["step"] == r["cutoff"])
+        assert len(r["outcomes"]) == len(stop["outcomes"]) == report["task"]["heldout_size"]
+        assert r["outcomes"].count("1") == round(r["accuracy"] * len(r["outcomes"]))
+        assert r["vs_stop"] == pytest.approx(r["accuracy"] - stop["accuracy"], abs=1e-12)
+        assert r["vs_stop_stderr"] >= 0 and stop["vs_stop"] is None
 
 
 @pytest.fixture(scope="module")

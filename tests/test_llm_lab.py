@@ -88,6 +88,7 @@ def test_llm_lab_ci_end_to_end(tmp_path: Path) -> None:
         mine = {r["step"]: r for r in rows if r["method"] == method}
         assert set(mine) == {T, 2 * T}
         assert math.isfinite(mine[T]["weight_error"]) and mine[T]["weight_error"] > 0
+        assert all(math.isfinite(r["vs_stop"]) and len(r["outcomes"]) == len(heldout) for r in mine.values())
         assert (out / mine[2 * T]["path"] / "model.safetensors").is_file()
     norms = [d["norm"] for d in doc["drift"]]
     assert norms[-1] > 0 and norms[-1] >= norms[0]  # GRPO moved the weights away from theta_0

@@ -120,10 +120,15 @@ def extrapolate_and_measure(root: Path, task, last: int, cutoff_fractions: tuple
 
 def _rows(root: Path, real: dict[int, Path], outputs: dict[tuple[str, int], dict[int, Path]],
           scores: dict, cutoffs: list[int]) -> tuple[list[report.Row], list[report.Row]]:
-    """The real-run curve and the report's rows (with relative weight errors where a real step exists)."""
+    """The real-run curve and the report's rows (with relative weight errors where a real step exists, and each
+    extrapolation paired with its cutoff checkpoint)."""
 
-    def row(method: str, step: int, path: Path, cutoff: int | None = None, err: float | None = None) -> report.Row:
-        return report.Row(method, step, scores[path].accuracy, scores[path].stderr, cutoff, err, str(path.relative_to(root)))
+    def row(method: str, step: int, path: Path, cutoff: int | None = None, err: float | None = None,
+            stop: Path | None = None) -> report.Row:
+        score = scores[path]
+        vs_stop, vs_stop_stderr = score.minus(scores[stop]) if stop is not None else (None, None)
+        return report.Row(method, step, score.accuracy, score.stderr, cutoff, err, str(path.relative_to(root)),
+                          vs_stop, vs_stop_stderr, score.as_dict()["outcomes"])
 
     last = max(real)
     curve = [row("base" if s == 0 else "rlvr", s, p) for s, p in real.items()]
@@ -131,7 +136,7 @@ def _rows(root: Path, real: dict[int, Path], outputs: dict[tuple[str, int], dict
     for (method, cutoff), folders in outputs.items():
         for step, folder in folders.items():
             err = relative_weight_error(folder, real[step], real[0]) if step in real else None
-            rows.append(row(method, step, folder, cutoff, err))
+            rows.append(row(method, step, folder, cutoff, err, stop=real[cutoff]))
     return curve, rows
 
 

@@ -26,10 +26,17 @@ class Row:
     cutoff: int | None = None
     weight_error: float | None = None
     path: str = ""
+    vs_stop: float | None = None  # an extrapolation's paired accuracy difference to its cutoff checkpoint
+    vs_stop_stderr: float | None = None
+    outcomes: str = ""  # per held-out problem, "1" right / "0" wrong: lets any two rows be paired later
 
 
 def _fmt_err(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
+
+
+def _fmt_vs_stop(r: Row) -> str:
+    return "—" if r.vs_stop is None else f"{100 * r.vs_stop:+.1f} ± {100 * r.vs_stop_stderr:.1f}"
 
 
 def _lora_line(lora: dict[str, Any] | None, parameters: int) -> list[str]:
@@ -65,17 +72,18 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         f"beta {meta['rl']['beta']:g}.",
         *_lora_line(meta.get("lora"), meta["model"]["parameters"]),
         "",
-        "Accuracy ± binomial standard error; relative weight error = ||W_pred − W_real|| / ||W_real − W_0|| "
-        "against the real checkpoint at the same step (— where none exists).",
+        "Accuracy ± binomial standard error; vs stop = an extrapolation's accuracy minus that of its cutoff "
+        "checkpoint, paired over the same problems (points ± paired standard error); relative weight error = "
+        "||W_pred − W_real|| / ||W_real − W_0|| against the real checkpoint at the same step (— where none exists).",
         "",
-        "| Method | Observed steps | Step | Accuracy (%) | Rel. weight error |",
-        "|---|---|---|---|---|",
+        "| Method | Observed steps | Step | Accuracy (%) | vs stop | Rel. weight error |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         observed = "—" if r.cutoff is None else f"1..{r.cutoff}"
         name = {"base": "Base", "rlvr": "RLVR (real)"}.get(r.method, r.method)
         lines.append(f"| {name} | {observed} | {r.step} | {100 * r.accuracy:.1f} ± {100 * r.stderr:.1f} "
-                     f"| {_fmt_err(r.weight_error)} |")
+                     f"| {_fmt_vs_stop(r)} | {_fmt_err(r.weight_error)} |")
     by_step = {m["step"]: m for m in meta["drift"]}
     last = meta["T"]
     lines.append("")
