@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
+
+from relex.analysis.metrics import mean_stderr
 
 
 def load_runs(paths: list[Path]) -> dict[tuple[str, int], dict]:
@@ -40,9 +41,7 @@ def paired(rows: list[dict], stops: list[dict], problems: slice = slice(None)) -
     """Mean and standard error over ``problems`` of the per-problem difference to stopping, averaged over runs."""
     columns = [(r["outcomes"][problems], s["outcomes"][problems]) for r, s in zip(rows, stops)]
     n = len(columns[0][0])
-    diffs = [sum(int(o[j]) - int(so[j]) for o, so in columns) / len(columns) for j in range(n)]
-    mean = sum(diffs) / n
-    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    return mean_stderr([sum(int(o[j]) - int(so[j]) for o, so in columns) / len(columns) for j in range(n)])
 
 
 def validation_check(row: dict, stop: dict, k: int, margin: float) -> dict:

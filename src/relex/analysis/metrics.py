@@ -14,6 +14,14 @@ from relex.stats.gram import TensorStats
 THRESHOLDS = {"explained_var_rank1": 0.9, "r2_linear": 0.98}
 
 
+def mean_stderr(values) -> tuple[float, float]:
+    """Mean and standard error (sample SD / sqrt n; nan for fewer than two values) of per-item differences:
+    the paired comparison every verdict here reports (accuracy per problem, KL per prompt)."""
+    x = np.asarray(values, dtype=np.float64)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.mean()), se
+
+
 @dataclass(frozen=True)
 class Rank1Fit:
     """The paper's evidence for one tensor: rank-1 share of the deltas and the line through c_1(t)."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from relex.analysis.backtest import default_settings
+from relex.analysis.metrics import mean_stderr
 from relex.errors import RelexError
 from relex.materialize.engine import _check_device
 from relex.materialize.stream import DeltaStream, all_finite
@@ -211,15 +212,14 @@ def probe_backtest(probe: Probe, stats: dict[str, TensorStats], rows: list[dict]
         kl_stop, agree_stop = stops[row["prefix_end"]]
         per_tensor = _prediction_weights(row["setting"], stats, prefix, row["target"])
         kl, agree = probe.score(prefix, per_tensor)
-        diff = kl - kl_stop
-        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        kl_diff, se = mean_stderr(kl - kl_stop)
         mean_stop = float(kl_stop.mean())
         out.append({"horizon": row["horizon"], "prefix_end": row["prefix_end"], "target": row["target"],
                     "setting": row["setting"], "kl": float(kl.mean()), "kl_stop": mean_stop,
                     "kl_vs_stay": float(kl.mean()) / mean_stop if mean_stop > 0 else float("nan"),
                     "agreement": float(agree.mean()), "agreement_stop": float(agree_stop.mean()),
-                    "kl_diff": float(diff.mean()), "kl_diff_se": se, "margin": margin,
-                    "safe": bool(float(diff.mean()) + margin * se < 0), "prompts": int(len(kl))})
+                    "kl_diff": kl_diff, "kl_diff_se": se, "margin": margin,
+                    "safe": bool(kl_diff + margin * se < 0), "prompts": int(len(kl))})
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from relex.analysis.metrics import mean_stderr
 from relex.lab.tasks import Problem, Task
 from relex.trajectory.peft import is_adapter_folder
 
@@ -52,10 +53,7 @@ class Score:
         than two unpaired standard errors when the models agree on most problems."""
         if other.total != self.total:
             raise ValueError(f"paired scores need the same problems: {self.total} vs {other.total}")
-        diffs = [int(a) - int(b) for a, b in zip(self.outcomes, other.outcomes)]
-        mean = sum(diffs) / len(diffs)
-        var = sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
-        return mean, math.sqrt(var / len(diffs))
+        return mean_stderr([int(a) - int(b) for a, b in zip(self.outcomes, other.outcomes)])
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {"correct": self.correct, "total": self.total, "accuracy": self.accuracy, "stderr": self.stderr,
