@@ -13,6 +13,8 @@ of such steps looks perfectly straight and says nothing about the run.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from relex.analysis.backtest import MIN_PREFIX
@@ -153,8 +155,9 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
     """
     med, null = diag["median"], diag["random_walk"]
     growth = diag["whole_model"]["growth_exponent"]
-    shape = ("grows linearly" if 0.85 <= growth <= 1.15 else "grows sub-linearly" if growth < 0.85
-             else "grows super-linearly") + f" (like t^{growth:.2f})"
+    shape = ("grows at a rate the window cannot measure (fewer than two checkpoints moved)" if math.isnan(growth)
+             else ("grows linearly" if 0.85 <= growth <= 1.15 else "grows sub-linearly" if growth < 0.85
+                   else "grows super-linearly") + f" (like t^{growth:.2f})")
     eff, null_eff = med["path_efficiency"], null["path_efficiency"]["mean"]
     path = (f"wanders like a random walk (path efficiency {eff:.2f} vs {null_eff:.2f})" if eff < wander_limit(null_eff)
             else f"moves {'straight' if eff > 0.8 else 'with detours'} (path efficiency {eff:.2f}, random walk {null_eff:.2f})")
@@ -162,7 +165,8 @@ def verdict(diag: dict, safe_horizon: float | None, setting: str | None = None, 
     fit = (f"its rank-1 coefficient fits a line {'better' if r2_z > 3 else 'no better'} than a random walk's "
            f"(R^2 {med['r2_linear']:.3f} vs {null['r2_linear']['mean']:.3f})")
     drift = med["direction_drift_cos"]
-    turn = f"its top direction {'holds' if drift > 0.95 else 'turns'} (cos {drift:.2f}, first half vs whole window)"
+    turn = ("its top direction cannot be compared within so short a window" if math.isnan(drift) else
+            f"its top direction {'holds' if drift > 0.95 else 'turns'} (cos {drift:.2f}, first half vs whole window)")
     horizon = (f"too few checkpoints to backtest ({len(diag['steps'])}; it needs {2 * MIN_PREFIX})"
                if safe_horizon is None else "the backtest supports no extrapolation" if safe_horizon <= 1
                else f"the backtest supports up to {safe_horizon:g}x the cutoff" + (f" ({setting})" if setting else ""))
