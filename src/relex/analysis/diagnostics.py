@@ -108,8 +108,15 @@ def random_walk_null(steps: np.ndarray, dim: int = NULL_DIM, repeats: int = NULL
     """Mean and standard deviation of every diagnostic over simulated random walks."""
     rng = np.random.default_rng(seed)
     samples = [tensor_diagnostics(random_walk_stats(steps, dim, rng)) for _ in range(repeats)]
-    return {k: {"mean": float(np.nanmean([s[k] for s in samples])), "std": float(np.nanstd([s[k] for s in samples]))}
-            for k in samples[0]}
+    columns = {k: [s[k] for s in samples] for k in samples[0]}
+    return {k: {"mean": _over_defined(np.mean, v), "std": _over_defined(np.std, v)} for k, v in columns.items()}
+
+
+def _over_defined(reduce, values: list[float]) -> float:
+    """``reduce`` over the values that are not nan; nan when none is (a window too short for that diagnostic)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(reduce(x)) if len(x) else float("nan")
 
 
 def whole_model(stats: dict[str, TensorStats]) -> TensorStats:
@@ -122,8 +129,7 @@ def diagnose(stats: dict[str, TensorStats]) -> dict:
     moving = {n: s for n, s in stats.items() if s.delta_norms[-1] > 0}
     per_tensor = {n: tensor_diagnostics(s) for n, s in moving.items()}
     keys = ["rank1_share", "r2_linear", "path_efficiency", "growth_exponent", "direction_drift_cos"]
-    medians = {k: float(np.nanmedian([d[k] for d in per_tensor.values()])) if per_tensor else float("nan")
-               for k in keys}
+    medians = {k: _over_defined(np.median, [d[k] for d in per_tensor.values()]) for k in keys}
     steps = next(iter(stats.values())).steps
     whole = whole_model(stats)
     gaps = np.diff(np.concatenate([[0.0], steps]))
