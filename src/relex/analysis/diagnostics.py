@@ -14,6 +14,7 @@ of such steps looks perfectly straight and says nothing about the run.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def random_walk_null(steps: np.ndarray, dim: int = NULL_DIM, repeats: int = NULL
     return {k: {"mean": _over_defined(np.mean, v), "std": _over_defined(np.std, v)} for k, v in columns.items()}
 
 
-def _over_defined(reduce, values: list[float]) -> float:
+def _over_defined(reduce: Callable[[np.ndarray], Any], values: list[float]) -> float:
     """``reduce`` over the values that are not nan; nan when none is (a window too short for that diagnostic)."""
     x = np.asarray(values, dtype=np.float64)
     x = x[~np.isnan(x)]

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
@@ -14,7 +15,7 @@ from relex.stats.gram import TensorStats
 THRESHOLDS = {"explained_var_rank1": 0.9, "r2_linear": 0.98}
 
 
-def mean_stderr(values) -> tuple[float, float]:
+def mean_stderr(values: ArrayLike) -> tuple[float, float]:
     """Mean and standard error (sample SD / sqrt n; nan for fewer than two values) of per-item differences:
     the paired comparison every verdict here reports (accuracy per problem, KL per prompt)."""
     x = np.asarray(values, dtype=np.float64)
