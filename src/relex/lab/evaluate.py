@@ -55,9 +55,14 @@ class Score:
             raise ValueError(f"paired scores need the same problems: {self.total} vs {other.total}")
         return mean_stderr([int(a) - int(b) for a, b in zip(self.outcomes, other.outcomes)])
 
+    @property
+    def outcome_string(self) -> str:
+        """``"0110..."``: right (1) or wrong (0) per problem, as report and JSON files keep it for later pairing."""
+        return "".join("1" if o else "0" for o in self.outcomes)
+
     def as_dict(self) -> dict[str, float | int | str]:
         return {"correct": self.correct, "total": self.total, "accuracy": self.accuracy, "stderr": self.stderr,
-                "outcomes": "".join("1" if o else "0" for o in self.outcomes)}
+                "outcomes": self.outcome_string}
 
 
 def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> PreTrainedTokenizerBase:

@@ -81,13 +81,23 @@ def cutoff_steps(fractions: tuple[float, ...], last_step: int) -> list[int]:
     return sorted({max(2, round(f * last_step)) for f in fractions})
 
 
+def lab_methods(cutoff: int) -> tuple[Relex, TwoPoint]:
+    """The extrapolations every lab writes from a cutoff: RELEX (rank 1) and two-point."""
+    return Relex(rank=1, cutoff=cutoff), TwoPoint(cutoff=cutoff)
+
+
+def lab_targets(last: int) -> list[int]:
+    """The steps every lab extrapolates to: T and 2T."""
+    return [last, 2 * last]
+
+
 def extrapolate(base_dir: Path, run_dir: Path, out_root: Path, cutoffs: list[int], targets: list[int],
                 quiet: bool) -> dict[tuple[str, int], dict[int, Path]]:
-    """Phase 5: RELEX (rank 1) and two-point weight extrapolation from each cutoff to each target."""
+    """Phase 5: ``lab_methods`` from each cutoff to each target."""
     traj = Trajectory.discover(base_dir, run_dir)
     outputs: dict[tuple[str, int], dict[int, Path]] = {}
     for cutoff in cutoffs:
-        for method in (Relex(rank=1, cutoff=cutoff), TwoPoint(cutoff=cutoff)):
+        for method in lab_methods(cutoff):
             folders = materialize.extrapolate(method.fit(traj), out_root / f"{method.name}-cut{cutoff}",
                                               targets=targets, overwrite=True, cache=False, progress=not quiet)
             outputs[(method.name, cutoff)] = dict(zip(sorted(targets), folders, strict=True))
@@ -105,7 +115,7 @@ def extrapolate_and_measure(root: Path, task, last: int, cutoff_fractions: tuple
     base_dir, run_dir = root / "base", root / "run"
     cutoffs = cutoff_steps(cutoff_fractions, last)
     with clock.phase("extrapolate"):
-        outputs = extrapolate(base_dir, run_dir, root / "extrapolated", cutoffs, [last, 2 * last], quiet)
+        outputs = extrapolate(base_dir, run_dir, root / "extrapolated", cutoffs, lab_targets(last), quiet)
     with clock.phase("eval"):
         curve_steps = sorted({*range(curve_every, last + 1, curve_every), *cutoffs, last})
         real = {0: base_dir, **{s: run_dir / f"checkpoint-{s}" for s in curve_steps}}
@@ -128,7 +138,7 @@ def _rows(root: Path, real: dict[int, Path], outputs: dict[tuple[str, int], dict
         score = scores[path]
         vs_stop, vs_stop_stderr = score.minus(scores[stop]) if stop is not None else (None, None)
         return report.Row(method, step, score.accuracy, score.stderr, cutoff, err, str(path.relative_to(root)),
-                          vs_stop, vs_stop_stderr, score.as_dict()["outcomes"])
+                          vs_stop, vs_stop_stderr, score.outcome_string)
 
     last = max(real)
     curve = [row("base" if s == 0 else "rlvr", s, p) for s, p in real.items()]

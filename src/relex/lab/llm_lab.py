@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from relex.errors import RelexError
 from relex.lab import report
-from relex.lab.lab import _Clock, building, cutoff_steps, extrapolate_and_measure, point_adapters_at, quiet_libraries
+from relex.lab.lab import (_Clock, building, cutoff_steps, extrapolate_and_measure, lab_methods, lab_targets,
+                           point_adapters_at, quiet_libraries)
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
 
@@ -44,9 +45,10 @@ def _model_bytes(folder: Path) -> int:
 
 def check_disk(out: Path, profile: LLMProfile, model_bytes: int, lora: bool) -> None:
     """Refuse before GRPO when the disk under ``out`` cannot hold the run: full checkpoints (none for LoRA,
-    whose adapters are small) plus RELEX and two-point to T and 2T from each cutoff, with 10% to spare."""
-    checkpoints = 0 if lora else -(-profile.rl.steps // profile.rl.save_every)
-    extrapolations = 2 * 2 * len(cutoff_steps(profile.cutoffs, profile.rl.steps))
+    whose adapters are small) plus the lab's extrapolations from each cutoff to each target, with 10% to spare."""
+    last = profile.rl.steps
+    checkpoints = 0 if lora else -(-last // profile.rl.save_every)
+    extrapolations = sum(len(lab_methods(c)) * len(lab_targets(last)) for c in cutoff_steps(profile.cutoffs, last))
     needed = int(1.1 * model_bytes * (checkpoints + extrapolations))
     where = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
