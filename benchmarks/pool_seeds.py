@@ -9,7 +9,8 @@ set is fixed; its size is checked). Pooled: the per-problem difference to stoppi
 with its standard error over problems (it holds the seeds fixed), and the standard deviation of the per-run
 gains (how much a gain moves from seed to seed: what tells a user how often extrapolating pays).
 ``--validate K`` also scores the check a user can run without later checkpoints: keep the prediction only if
-it beats stopping by ``--margin`` standard errors on the first K problems, and score that choice on the rest.
+it beats stopping by ``--margin`` standard errors on the first K problems, and score that choice on the rest;
+with several margins, the first fills the per-method table and each gets one summary row over every case.
 """
 
 from __future__ import annotations
@@ -80,20 +81,36 @@ def pool(runs: dict[tuple[str, int], dict], validate: int | None = None, margin:
     return out
 
 
+def check_summary(runs: dict[tuple[str, int], dict], validate: int, margin: float) -> dict:
+    """The validation check at one margin over every (run, cutoff, method, target) case: how many it kept, its
+    mean test gain against always keeping the prediction, the worst test gain it kept, losses kept, gains passed up."""
+    cases = [validation_check(row, run["stop"], validate, margin) for run in runs.values()
+             for key, row in run.items() if isinstance(key, tuple) and not row.get("refused")]
+    kept = [c["test_gain"] for c in cases if c["chosen"]]
+    return {"margin": margin, "cases": len(cases), "kept": len(kept),
+            "always": statistics.mean(c["test_gain"] for c in cases),
+            "check": statistics.mean(c["check_test_gain"] for c in cases),
+            "worst_kept": min(kept, default=None), "losses_kept": sum(g < 0 for g in kept),
+            "losses": sum(c["test_gain"] < 0 for c in cases),
+            "gains_passed_up": sum(c["test_gain"] > 0 and not c["chosen"] for c in cases),
+            "gains": sum(c["test_gain"] > 0 for c in cases)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="compare_methods.py JSON files")
     parser.add_argument("--validate", type=int, metavar="K",
                         help="also score a validation check: decide on the first K held-out problems, test on the rest")
-    parser.add_argument("--margin", type=float, default=2.0,
-                        help="--validate: standard errors by which the prediction must beat stopping (default 2)")
+    parser.add_argument("--margin", type=float, nargs="+", default=[2.0],
+                        help="--validate: standard errors by which the prediction must beat stopping (default 2); "
+                             "several print one summary row each")
     parser.add_argument("--json", type=Path, help="also write the pooled rows here")
     args = parser.parse_args()
     runs = load_runs(args.files)
     result = {}
     for cutoff in sorted({c for _, c in runs}):
         these = {key: run for key, run in sorted(runs.items()) if key[1] == cutoff}
-        result[cutoff] = rows = pool(these, args.validate, args.margin)
+        result[cutoff] = rows = pool(these, args.validate, args.margin[0])
         print(f"cutoff {cutoff}, {len(these)} runs; accuracy in %, gains are paired differences to stopping:")
         for i, ((lab, _), run) in enumerate(these.items()):
             print(f"  run {i}: {lab}: stop {100 * run['stop']['accuracy']:.1f}, real at T={run['T']} "
@@ -108,7 +125,7 @@ def main() -> None:
             print(f"{r['method']:>10} {r['target']:>6} " + " ".join(f"{c:>13}" for c in by_run)
                   + f" {pooled:>13} {sd:>7} {r['above_2se']:>4} {r['below_2se']:>5}")
         if args.validate:
-            print(f"validation check (first {args.validate} problems decide at {args.margin:g} SE; the other "
+            print(f"validation check (first {args.validate} problems decide at {args.margin[0]:g} SE; the other "
                   "problems score it): gain over stopping on the test problems, mean over runs, in points")
             print(f"{'method':>10} {'target':>6} {'chosen':>7} {'check':>7} {'always':>7}  per run: validation -> test")
             for r in rows:
@@ -119,9 +136,18 @@ def main() -> None:
                                    f"{100 * p['test_gain']:+.1f}" for p in runs_)
                 print(f"{r['method']:>10} {r['target']:>6} {sum(p['chosen'] for p in runs_):>3}/{len(runs_):<3} "
                       f"{check:>+7.1f} {always:>+7.1f}  {detail}")
+    summary = [check_summary(runs, args.validate, m) for m in args.margin] if args.validate else []
+    if summary:
+        print("validation check over every run, cutoff, method and target (test gains in points):")
+        print(f"{'margin':>6} {'kept':>7} {'always':>7} {'check':>7} {'worst kept':>10} {'losses kept':>11} "
+              f"{'gains passed up':>15}")
+        for s in summary:
+            worst = f"{100 * s['worst_kept']:+.1f}" if s["worst_kept"] is not None else "-"
+            print(f"{s['margin']:>6g} {s['kept']:>3}/{s['cases']:<3} {100 * s['always']:>+7.1f} {100 * s['check']:>+7.1f} "
+                  f"{worst:>10} {s['losses_kept']:>5}/{s['losses']:<5} {s['gains_passed_up']:>7}/{s['gains']:<7}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"files": [str(p) for p in args.files],
+        args.json.write_text(json.dumps({"files": [str(p) for p in args.files], "check_summary": summary,
                                          "cutoffs": {str(c): rows for c, rows in result.items()}}, indent=2) + "\n")
 
 
