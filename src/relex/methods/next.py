@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from relex.errors import RelexError
+from relex.memory import release_freed_memory
 from relex.methods.base import DirectMethod, RankOnePrediction, option
 from relex.methods.triplet import DeltaDifference, RowBlockMatrix, Triplet, top_singular_triplet
 from relex.trajectory import BufferPool, TensorDeltas, Trajectory
@@ -199,6 +200,7 @@ class NExt(DirectMethod):
                 self._collect_vector(groups, name, stack, pairs, positions)
             else:
                 self._collect_matrix(groups, name, deltas, pairs, positions)
+            release_freed_memory()
         self.predicted_: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self.losses_: dict[str, float] = {}
         for (role, dim), group in tqdm(sorted(groups.items()), desc="next: predictors", disable=not progress,
