@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.cache
 def _malloc_trim():
-    """glibc's ``malloc_trim``, or None on other C libraries (musl, macOS)."""
-    name = ctypes.util.find_library("c")
+    """``malloc_trim`` of the C library this process runs on (glibc), or None where it has none (musl, macOS)."""
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 
