@@ -356,3 +356,19 @@ def test_direct_methods_under_a_tiny_budget_work_in_row_blocks_with_equal_result
     a, b = CheckpointReader(whole), CheckpointReader(blocks)
     for tensor in a.specs:
         torch.testing.assert_close(b.read(tensor), a.read(tensor), rtol=1e-6, atol=1e-9, msg=tensor)
+
+
+def test_read_deltas_are_stacked_once_when_they_fit(tmp_path):
+    """NExt's triplets visit a tensor's rows many times: read once into a stack when it fits the budget, the same
+    deltas bit for bit; over the budget, still read by row blocks at every visit (``whole`` gathers them right:
+    it once returned the last block's rows over and over, each block's views being the next one's buffer)."""
+    base = save_pico_model(tmp_path / "base")
+    rank1_run(base, tmp_path / "run")
+    traj = Trajectory.discover(base, tmp_path / "run")
+    name = "model.layers.0.mlp.up_proj.weight"
+    rows = traj.deltas(name, block_bytes=1024)
+    assert rows.stacked() is rows
+    stacked = traj.deltas(name, 1 << 26).stacked()
+    assert isinstance(stacked, StackedDeltas) and len(stacked) == len(rows) == len(traj.checkpoints)
+    for t in range(len(rows)):
+        torch.testing.assert_close(stacked.whole(t), rows.whole(t), rtol=0, atol=0)

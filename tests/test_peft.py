@@ -156,6 +156,40 @@ def test_next_on_a_lora_run_learns_only_the_adapted_tensors(tmp_path):
     assert torch.equal(CheckpointReader(folder).read(frozen), load_file(str(base / "model.safetensors"))[frozen])
 
 
+def test_lora_deltas_give_their_triplets_from_the_factors(tmp_path):
+    """A LoRA delta, and a difference of two, is left @ right; its triplet from the factors equals the row-block
+    iteration's on the delta read as rows (same s; the same s u v^T up to the iteration's tolerance)."""
+    from relex.methods.triplet import DeltaDifference, DenseMatrix, top_singular_triplet
+
+    base, run, _, _ = lora_run(tmp_path, PLAIN)
+    traj = Trajectory.discover(base, run)
+    base_reader = traj.reader(base)
+    last = traj.reader(run / "checkpoint-7")
+    assert last.delta_factors("lm_head.weight") is None             # modules_to_save: a whole saved value
+    assert last.delta_factors("model.embed_tokens.weight") is None  # PEFT saved the adapted embedding's weight too
+    assert last.delta_factors("model.norm.weight") is None          # 1-D
+    left, right = last.delta_factors("model.layers.0.self_attn.k_proj.weight")  # not adapted: rank 0
+    assert left.shape[1] == 0 and right.shape[0] == 0
+    checked = 0
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.layers.0.self_attn.k_proj.weight"):
+        deltas = traj.deltas(name, 1 << 20)
+        left, right = deltas.factors(2)
+        torch.testing.assert_close(left @ right, last.read_delta(name), rtol=0, atol=1e-14)
+        for later, earlier in ((2, None), (1, None), (2, 0), (2, 1)):
+            pair = DeltaDifference(deltas, later, earlier)
+            assert pair.factors() is not None
+            dense = deltas.whole(later) - (deltas.whole(earlier) if earlier is not None else 0)
+            u, s, v, ok = top_singular_triplet(pair)
+            ref_u, ref_s, ref_v, ref_ok = top_singular_triplet(DenseMatrix(dense))
+            assert ok and ref_ok and abs(s - ref_s) <= 1e-9 * max(ref_s, 1e-300)
+            torch.testing.assert_close(torch.outer(u, v) * s, torch.outer(ref_u, ref_v) * ref_s, rtol=0,
+                                       atol=1e-8 * max(ref_s, 1e-300))
+            checked += s > 0
+    assert checked == 8  # two adapted tensors, four differences each (k_proj's are zero)
+    assert base_reader.delta_factors("model.embed_tokens.weight") is None  # whole weights: no factors
+
+
 def test_full_checkpoints_keep_the_plain_reader(pico):
     base, run, _ = pico
     folder = run / "checkpoint-5"
@@ -217,3 +251,5 @@ def test_fan_in_fan_out_conv1d_layers(tmp_path):
         assert w0[name].shape[0] == 16  # (in, out)
         expected = merged[name][2:11].double() - w0[name][2:11].double()
         torch.testing.assert_close(reader.read_delta(name, 2, 11), expected, rtol=1e-5, atol=1e-6)
+        left, right = reader.delta_factors(name)  # the transposed product's factors, rows x r times r x out
+        torch.testing.assert_close(left @ right, reader.read_delta(name), rtol=0, atol=1e-12)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import numpy_relex
 from relex.methods import Reconstruct, Relex, TwoPoint
+from relex.methods.triplet import low_rank_triplet
 from relex.stats import TensorStats, gram_of
 
 
@@ -82,3 +83,24 @@ def test_two_point_weights_are_the_step_ratio(steps, target):
     steps = sorted(steps)
     weights = TwoPoint().weights(TensorStats(np.array(steps, float), np.eye(len(steps))), [target])[0]
     assert weights[-1] == target / steps[-1] and not weights[:-1].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 16), st.integers(0, 2**31 - 1))
+def test_low_rank_triplet_is_the_products_top_singular_triplet(m, n, r, seed):
+    """Any rank (0, below, above min(m, n)): s, and s u v^T, equal the full SVD's of left @ right."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(m, r, generator=gen, dtype=torch.float64)
+    right = torch.randn(r, n, generator=gen, dtype=torch.float64)
+    u, s, v, converged = low_rank_triplet(left, right)
+    ref_u, ref_s, ref_vt = np.linalg.svd((left @ right).numpy())
+    assert converged and u.shape == (m,) and v.shape == (n,)
+    if r == 0:
+        assert s == 0.0 and not u.any() and not v.any()
+        return
+    scale = max(ref_s[0], 1e-300)
+    assert abs(s - ref_s[0]) <= 1e-12 * scale
+    assert abs(float(u.norm()) - 1) <= 1e-12 and abs(float(v.norm()) - 1) <= 1e-12
+    if len(ref_s) == 1 or ref_s[0] - ref_s[1] > 1e-6 * ref_s[0]:  # a unique top pair: the same rank-1 term
+        np.testing.assert_allclose(np.outer(u.numpy(), v.numpy()) * s, np.outer(ref_u[:, 0], ref_vt[0]) * ref_s[0],
+                                   atol=1e-9 * scale)

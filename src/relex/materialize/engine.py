@@ -233,7 +233,7 @@ def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     if stream.fits_stacked(spec):
         block = stream.load(name, 0, spec.rows, stacked=True)
         stats = cached or stream.stats(name, spec, block)
-        deltas = StackedDeltas(*block.whole(), spec.shape)
+        deltas = StackedDeltas(*block.whole(), spec.shape, source=stream.deltas(name))
     else:
         stats = cached or stream.stats(name, spec)
         deltas = stream.deltas(name)

@@ -17,9 +17,11 @@ Differences from the public code, each deliberate:
 - defaults lr 1e-3 with 1000 full-batch steps (the original: 2e-5), chosen before any measurement
   because its widths (256) and step count are the same and inputs here are standardized.
 
-Not a weighted sum of deltas: a ``DirectMethod``. ``fit`` reads every checkpoint of every tensor to learn, in
-row blocks of at most two checkpoints that fit the memory budget (``relex.methods.triplet`` finds the factors
-one visit of the rows per iteration); the writing pass reads the last checkpoint again, a row block at a time.
+Not a weighted sum of deltas: a ``DirectMethod``. ``fit`` reads every checkpoint of every tensor to learn: a
+tensor's deltas once into one stack when it fits the memory budget, else row blocks of at most two checkpoints
+at every visit (``relex.methods.triplet`` finds the factors one visit of the rows per iteration; a LoRA run's
+from the adapters' factors, without forming a delta); the writing pass reads the last checkpoint again, a row
+block at a time.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ class NExt(DirectMethod):
         groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
         names = [n for n, s in self.specs_.items() if s.dtype.is_floating_point and s.numel > 1]
         for name in tqdm(names, desc="next: factors", disable=not progress, leave=False):
-            deltas = self.trajectory_.deltas(name, block_bytes, buffers)
+            deltas = self.trajectory_.deltas(name, block_bytes, buffers).stacked()
             if len(self.specs_[name].shape) == 1:
                 stack = torch.stack([deltas.whole(t).reshape(-1) for t in range(len(steps))])
                 self._collect_vector(groups, name, stack, pairs, positions)
@@ -233,7 +235,8 @@ class NExt(DirectMethod):
                         positions: list[float]) -> None:
         """A matrix: the sign-fixed rank-1 factors of every global, local and k-step delta (rows x row_numel).
 
-        Each triplet visits the rows of at most two checkpoints per iteration, never the whole stack.
+        Each triplet visits the stack in memory, or else the rows of at most two checkpoints, once per iteration;
+        deltas stored as factors (LoRA) give their triplets without any visit.
         """
         count = len(deltas)
         reference = rank1(DeltaDifference(deltas, count - 1))

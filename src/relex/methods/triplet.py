@@ -4,6 +4,8 @@ A delta too big for the memory budget is never whole in memory: ``DeltaDifferenc
 from ``relex.trajectory.TensorDeltas`` (one read of the checkpoints' rows per visit), and the subspace
 iteration needs only D Q and D^T (D Q), which are sums over row blocks. A dense tensor is the one-block case,
 with the same arithmetic, so a tensor that fits the budget gets the same triplet either way up to rounding.
+A difference of deltas stored as low-rank factors (LoRA adapters: ``TensorDeltas.factors``) needs no
+iteration: its triplet is exact from two thin QRs and the SVD of a small core.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from relex.trajectory import TensorDeltas
+from relex.trajectory import StackedDeltas, TensorDeltas
 
 BLOCK = 4          # subspace size of the iteration (the top vector converges at sigma_{BLOCK+1} / sigma_1)
 MAX_ITER = 300
@@ -65,6 +67,24 @@ class DeltaDifference:
     def device(self) -> torch.device:
         return self.deltas.device
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left, right) with left @ right = the difference, when every delta in it is stored as factors."""
+        later = self.deltas.factors(self.later)
+        if later is None or self.earlier is None:
+            return later
+        earlier = self.deltas.factors(self.earlier)
+        if earlier is None:
+            return None
+        return torch.cat([later[0], -earlier[0]], dim=1), torch.cat([later[1], earlier[1]], dim=0)
+
+    def in_memory(self) -> DenseMatrix | None:
+        """The difference as one matrix when the deltas are a stack in memory: subtracted once, where every visit
+        of the row blocks would subtract (and allocate) it again (measured: 4x the time on a 49152 x 576 tensor)."""
+        if not isinstance(self.deltas, StackedDeltas):
+            return None
+        [block] = self.deltas.blocks([self.later] if self.earlier is None else [self.later, self.earlier])
+        return DenseMatrix(block.deltas[0] if self.earlier is None else block.deltas[0] - block.deltas[1])
+
     def row_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         wanted = [self.later] if self.earlier is None else [self.later, self.earlier]
         for block in self.deltas.blocks(wanted):
@@ -76,6 +96,21 @@ def _is_zero(matrix: RowBlockMatrix) -> bool:
     return not any(bool(torch.any(d != 0)) for _, _, d in matrix.row_blocks())
 
 
+def low_rank_triplet(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
+    """(u, s, v, True) of the largest singular value of left @ right (m x r times r x n), exactly: with
+    left = Q_l R_l and right^T = Q_r R_r, the product is Q_l (R_l R_r^T) Q_r^T, so the r x r core's top
+    singular pair, mapped back through Q_l and Q_r, is the product's. Zeros for a zero product."""
+    m, n = left.shape[0], right.shape[1]
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    if r_left.numel() and r_right.numel():
+        u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+        if float(s[0]) > 0:
+            return q_left @ u[:, 0], float(s[0]), q_right @ vh[0], True
+    return (torch.zeros(m, dtype=torch.float64, device=left.device), 0.0,
+            torch.zeros(n, dtype=torch.float64, device=left.device), True)
+
+
 def top_singular_triplet(matrix: torch.Tensor | RowBlockMatrix, start: torch.Tensor | None = None,
                          block: int = BLOCK, max_iter: int = MAX_ITER, tol: float = RESIDUAL_TOL
                          ) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
@@ -85,10 +120,16 @@ def top_singular_triplet(matrix: torch.Tensor | RowBlockMatrix, start: torch.Ten
     of the rows per step: each block adds its rows of B = D Q and its share D_b^T B_b of Z = D^T D Q.
     ``start`` (e.g. the previous checkpoint's v) is the first column of the starting block, the rest are
     seeded random, so results are deterministic. Exact after one or two steps when min(m, n) <= k. Stops on
-    the triplet's residual ||D^T u - s v|| / s <= ``tol``. A zero matrix gives zeros.
+    the triplet's residual ||D^T u - s v|| / s <= ``tol``. A zero matrix gives zeros. A ``DeltaDifference`` of
+    deltas stored as factors takes ``low_rank_triplet`` instead, and never visits the rows.
     """
     if isinstance(matrix, torch.Tensor):
         matrix = DenseMatrix(matrix)
+    if isinstance(matrix, DeltaDifference):
+        factors = matrix.factors()
+        if factors is not None:
+            return low_rank_triplet(*factors)
+        matrix = matrix.in_memory() or matrix
     (m, n), device = matrix.shape, matrix.device
     zeros = (torch.zeros(m, dtype=torch.float64, device=device), 0.0,
              torch.zeros(n, dtype=torch.float64, device=device))

@@ -4,7 +4,8 @@ The tensor is viewed as a rows x row_numel matrix (a 1-D tensor: n rows of one e
 its rows a block at a time, with the base's rows and the deltas of the checkpoints asked for, so a method
 computes matrix products (``relex.methods.rowblocks``) in memory bounded by the block, not the tensor.
 ``StackedDeltas`` holds a stack already read (one block: the tensor fits the budget); ``ReadDeltas`` reads
-the blocks from the checkpoint files at every visit.
+the blocks from the checkpoint files at every visit. ``factors`` gives a LoRA checkpoint's delta as its two
+factors, whose products methods need never form.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 
 from relex.trajectory.peft import AdapterReader
 from relex.trajectory.reader import CheckpointReader
+
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (left, right): a delta as their product, rows x r times r x row_numel
 
 
 class BufferPool:
@@ -69,17 +73,30 @@ class TensorDeltas(ABC):
     def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
         """Every row block in order, with the deltas of ``checkpoints`` (indices into the observed ones)."""
 
+    def factors(self, checkpoint: int) -> Factors | None:
+        """(left, right) with left @ right = one checkpoint's delta (rows x row_numel), when its file stores it
+        as factors (a LoRA adapter's); None otherwise."""
+        return None
+
     def whole(self, checkpoint: int) -> torch.Tensor:
         """One checkpoint's whole delta as a rows x row_numel float64 tensor (for tensors known to be small)."""
-        return torch.cat([block.deltas[0] for block in self.blocks([checkpoint])])
+        whole = torch.empty(self.shape, dtype=torch.float64, device=self.device)
+        for block in self.blocks([checkpoint]):  # each block's views are overwritten by the next: copy as they come
+            whole[block.start:block.stop] = block.deltas[0]
+        return whole
 
 
 class StackedDeltas(TensorDeltas):
-    """Deltas already in memory: a T x numel float64 stack and the base (numel, float64), one block."""
+    """Deltas already in memory: a T x numel float64 stack and the base (numel, float64), one block; the
+    ``factors`` of the same deltas are ``source``'s (the files' ``ReadDeltas``) when given."""
 
-    def __init__(self, stack: torch.Tensor, base: torch.Tensor, tensor_shape: tuple[int, ...]) -> None:
+    def __init__(self, stack: torch.Tensor, base: torch.Tensor, tensor_shape: tuple[int, ...],
+                 source: TensorDeltas | None = None) -> None:
         super().__init__(tensor_shape, stack.shape[0], stack.device)
-        self.stack, self.base = stack, base
+        self.stack, self.base, self.source = stack, base, source
+
+    def factors(self, checkpoint: int) -> Factors | None:
+        return self.source.factors(checkpoint) if self.source is not None else None
 
     def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
         yield RowBlock(0, self.shape[0], self.base, [self.stack[t].view(self.shape) for t in checkpoints])
@@ -99,6 +116,12 @@ class ReadDeltas(TensorDeltas):
         super().__init__(spec.shape, len(readers), buffers.device)
         self.base_reader, self.readers, self.name = base, readers, name
         self.block_bytes, self.itemsize, self.buffers = block_bytes, spec.dtype.itemsize, buffers
+        self._factors: dict[int, Factors | None] = {}  # read once per checkpoint: r x (rows + row_numel) values
+
+    def factors(self, checkpoint: int) -> Factors | None:
+        if checkpoint not in self._factors:
+            self._factors[checkpoint] = self.readers[checkpoint].delta_factors(self.name)
+        return self._factors[checkpoint]
 
     def rows_per_block(self, width: int) -> int:
         """Rows that fit ``block_bytes`` (at least one): per element, the raw bytes, the float64 base and
@@ -106,6 +129,19 @@ class ReadDeltas(TensorDeltas):
         deltas, a predicted block) and an output of up to 4 bytes."""
         per_row = max(self.shape[1], 1) * (self.itemsize + 4 + 8 * (3 + width))
         return max(1, self.block_bytes // per_row)
+
+    def stacked(self) -> TensorDeltas:
+        """Every checkpoint's delta read once into one float64 stack (``StackedDeltas``) when it fits
+        ``block_bytes``, for methods that visit the rows many times (a read per visit costs more than the
+        arithmetic); these row-block reads otherwise, and when every delta has ``factors`` (nothing to visit).
+        The stack is the pool's: valid until its next block."""
+        if self.shape[0] == 0 or self.rows_per_block(self.count) < self.shape[0]:
+            return self
+        if all(self.factors(t) is not None for t in range(self.count)):
+            return self
+        [block] = self.blocks(range(self.count))
+        stack = self.buffers.get("stack", (self.count, block.base.numel()))
+        return StackedDeltas(stack, block.base, self.tensor_shape, source=self)
 
     def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
         rows, width = self.shape

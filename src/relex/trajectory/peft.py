@@ -9,7 +9,7 @@ is W_0 + Delta with Delta = B @ A * scale, scale = lora_alpha / r (lora_alpha / 
 Every other tensor of the base has a zero delta.
 
 ``AdapterReader`` has CheckpointReader's interface (``specs``, ``files``, ``read``, ``file_of``,
-``fingerprint``, ``close``, ``read_delta``), so a trajectory mixes nothing else; its specs are the base's
+``fingerprint``, ``close``, ``read_delta``, ``delta_factors``), so a trajectory mixes nothing else; its specs are the base's
 (the dtype a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
 adapter's factors: the streaming engine takes that, never ``(W_0 + Delta) - W_0`` rounded in between.
 """
@@ -205,16 +205,36 @@ class AdapterReader:
                 value = handle.get_tensor(full).double()
                 delta = (value if value.dim() == 0 else value[start:stop]) - self.base.read(name, start, stop).double()
             else:
-                delta = torch.zeros(shape, dtype=torch.float64)
+                delta = None
             if bias is not None:
-                delta += handle.get_tensor(bias[0]).double()[start:stop] * bias[1]
+                bias_rows = handle.get_tensor(bias[0]).double()[start:stop] * bias[1]
+                delta = bias_rows if delta is None else delta.add_(bias_rows)
             if lora is not None:
                 a = handle.get_tensor(lora.a).double()
                 b = handle.get_tensor(lora.b).double()
                 # rows of B @ A, or of (B @ A)^T = A^T B^T for embeddings and fan_in_fan_out layers
-                product = a[:, start:stop].T @ b.T if lora.transpose else b[start:stop] @ a
-                delta += product * lora.scale
-        return delta.reshape(shape)
+                product = torch.mm(a[:, start:stop].T, b.T) if lora.transpose else torch.mm(b[start:stop], a)
+                delta = delta.add_(product.mul_(lora.scale)) if delta is not None else product.mul_(lora.scale)
+        return (delta if delta is not None else torch.zeros(shape, dtype=torch.float64)).reshape(shape)
+
+    def delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left, right), float64, whose product is W - W_0 of 2-D tensor ``name`` (rank r: the LoRA factors with
+        the scale in ``right``; rank 0 where nothing was adapted), or None where the delta is not that product
+        alone (a whole saved value, a LoRA bias, not 2-D). Rank-r deltas have exact SVDs from r x r ones."""
+        spec = self.specs[name]
+        if len(spec.shape) != 2 or name in self._full or name in self._biases:
+            return None
+        lora = self._loras.get(name)
+        if lora is None:
+            return (torch.zeros(spec.shape[0], 0, dtype=torch.float64),
+                    torch.zeros(0, spec.shape[1], dtype=torch.float64))
+        try:
+            with safe_open(str(self.files[0]), framework="pt") as handle:
+                a, b = handle.get_tensor(lora.a).double(), handle.get_tensor(lora.b).double()
+        except (SafetensorError, OSError) as exc:
+            raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
+                             "removed or rewritten during the run?)") from None
+        return (a.T, b.T * lora.scale) if lora.transpose else (b, a * lora.scale)
 
     def read(self, name: str, start: int = 0, stop: int | None = None,
              buffer: torch.Tensor | None = None) -> torch.Tensor:

@@ -206,6 +206,10 @@ class CheckpointReader:
             return value.to(device=base.device, dtype=torch.float64) - base
         return out.copy_(value).sub_(base)
 
+    def delta_factors(self, name: str) -> None:
+        """None: a checkpoint of whole weights has its delta only as ``read_delta`` (an adapter's has factors)."""
+        return None
+
     def close(self) -> None:
         """Nothing held open: each read opens its file briefly."""
 
