@@ -82,6 +82,11 @@ def test_plain_lora_with_embedding_and_modules_to_save(tmp_path):
     a, b = factors[7][f"{prefix}.lora_A.default.weight"], factors[7][f"{prefix}.lora_B.default.weight"]
     exact = b.double() @ a.double() * (8 / 4)
     assert torch.equal(reader.read_delta("model.layers.1.self_attn.q_proj.weight"), exact)
+    into = torch.full((exact.numel(),), float("nan"), dtype=torch.float64)  # the engine's flat row buffer
+    result = reader.read_delta("model.layers.1.self_attn.q_proj.weight", out=into)
+    assert result.data_ptr() == into.data_ptr() and torch.equal(result.view(exact.shape), exact)  # computed in place
+    frozen = "model.layers.0.self_attn.k_proj.weight"
+    assert not reader.read_delta(frozen, out=torch.full_like(reader.read_delta(frozen), 7.0).view(-1)).any()
     torch.testing.assert_close(reader.read_delta("model.layers.1.self_attn.q_proj.weight", 5, 9), exact[5:9],
                                rtol=0, atol=1e-15)
     emb_a = factors[7]["base_model.model.model.embed_tokens.lora_embedding_A.default"]

@@ -160,7 +160,8 @@ class DeltaStream:
         """Live bytes per tensor element: the stored rows (float64 deltas for adapters) and the outputs, plus a
         float64 stack of every delta and the base when ``stacked`` (methods that are not weighted sums)."""
         t = len(self.readers)
-        rows = spec.dtype.itemsize + (8 * t if self.holds_deltas else spec.dtype.itemsize * t)
+        # adapters: the base as stored and in float64, and each checkpoint's float64 delta
+        rows = spec.dtype.itemsize + (8 + 8 * t if self.holds_deltas else spec.dtype.itemsize * t)
         device_copy = rows if self.device.type != "cpu" else 0  # the rows again on the device
         return rows + device_copy + self.n_outputs * 8 + (8 * (t + 1) if stacked else 0)
 
@@ -201,7 +202,7 @@ class DeltaStream:
         if self.holds_deltas:
             base_raw = self.buffer("base-raw", (n,), spec.dtype, torch.device("cpu"))
             base = self._read_into(self.base, name, r0, r1, base_raw)
-            base64 = base.to(torch.float64)
+            base64 = self.buffer("base64", (n,), torch.float64, torch.device("cpu")).copy_(base)
             raw = self.buffer("raw", (n * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
             for i, reader in enumerate(self.readers):
                 reader.read_delta(name, r0, r1, base=base64, out=rows[i], buffer=raw)

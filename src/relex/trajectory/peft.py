@@ -180,42 +180,52 @@ class AdapterReader:
         """Rows ``start:stop`` of W - W_0 for tensor ``name``, float64 (zeros where nothing was adapted).
 
         As ``CheckpointReader.read_delta``, but from the adapter's factors: ``base`` (W_0's rows, as the caller
-        has them) only gives the result's shape and device; written into ``out`` when given; ``buffer`` unused.
+        has them) only gives the result's shape and device; computed in ``out`` when given (a CPU float64 buffer:
+        no temporary the size of the rows, which the memory budget does not count); ``buffer`` unused.
         """
         spec = self.specs[name]
         stop = spec.rows if stop is None else min(stop, spec.rows)
         shape = spec.shape and (stop - start,) + spec.shape[1:]
+        direct = out is not None and out.device.type == "cpu" and out.is_contiguous()
+        into = out if direct else torch.empty(shape, dtype=torch.float64)
+        delta = into.view(shape)
         if name in self._loras or name in self._biases or name in self._full:
             try:
-                delta = self._delta(name, start, stop, shape)
+                self._delta_into(name, start, stop, delta)
             except (SafetensorError, OSError) as exc:
                 raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
                                  "removed or rewritten during the run?)") from None
         else:
-            delta = torch.zeros(shape, dtype=torch.float64)
-        if base is not None:
-            delta = delta.reshape(base.shape).to(base.device)
-        return delta if out is None else out.copy_(delta.reshape(out.shape))
+            delta.zero_()
+        if out is not None:
+            return into if into is out else out.copy_(delta.reshape(out.shape))
+        return delta if base is None else delta.reshape(base.shape).to(base.device)
 
-    def _delta(self, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """``read_delta``'s arithmetic, from the adapter file opened once."""
+    def _delta_into(self, name: str, start: int, stop: int, delta: torch.Tensor) -> None:
+        """``read_delta``'s arithmetic into ``delta`` (the rows' shape), from the adapter file opened once."""
         lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
+        filled = False
         with safe_open(str(self.files[0]), framework="pt") as handle:
             if full is not None:
-                value = handle.get_tensor(full).double()
-                delta = (value if value.dim() == 0 else value[start:stop]) - self.base.read(name, start, stop).double()
-            else:
-                delta = None
+                value = handle.get_tensor(full)
+                delta.copy_(value if value.dim() == 0 else value[start:stop]).sub_(self.base.read(name, start, stop))
+                filled = True
             if bias is not None:
                 bias_rows = handle.get_tensor(bias[0]).double()[start:stop] * bias[1]
-                delta = bias_rows if delta is None else delta.add_(bias_rows)
+                delta.add_(bias_rows) if filled else delta.copy_(bias_rows)
+                filled = True
             if lora is not None:
                 a = handle.get_tensor(lora.a).double()
                 b = handle.get_tensor(lora.b).double()
                 # rows of B @ A, or of (B @ A)^T = A^T B^T for embeddings and fan_in_fan_out layers
-                product = torch.mm(a[:, start:stop].T, b.T) if lora.transpose else torch.mm(b[start:stop], a)
-                delta = delta.add_(product.mul_(lora.scale)) if delta is not None else product.mul_(lora.scale)
-        return (delta if delta is not None else torch.zeros(shape, dtype=torch.float64)).reshape(shape)
+                left, right = (a[:, start:stop].T, b.T) if lora.transpose else (b[start:stop], a)
+                if filled:
+                    delta.add_(torch.mm(left, right).mul_(lora.scale))
+                else:
+                    torch.mm(left, right, out=delta).mul_(lora.scale)
+                    filled = True
+        if not filled:
+            delta.zero_()
 
     def delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(left, right), float64, whose product is W - W_0 of 2-D tensor ``name`` (rank r: the LoRA factors with
