@@ -10,6 +10,8 @@ the budget bounds) and total RSS (which also counts touched pages of memory-mapp
 with two devices, reports how far their outputs' deltas disagree (max |a - b| / max |a - base|, which
 should stay below 1e-6). ``--reference`` also times the public RELEX reference pipeline's algorithm (re-implemented from its
 description in reference_pipeline.py: a float16 delta store on disk, then a float32 SVD per tensor).
+``--lab-dir LAB`` times a finished run instead (LAB/base and LAB/run, e.g. a ``relex lab`` folder, LoRA ones
+included) from ``--cutoff`` to the run's last step.
 Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
     python benchmarks/bench_extrapolate.py --model small
@@ -119,6 +121,19 @@ def measure(cmd: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss": peak["rss"], "peak_anon": peak["anon"]}
 
 
+def lab_run(lab: Path, cutoff: int | None) -> tuple[str, str, int, list[int], list[str], int]:
+    """(name, "lab-full" or "lab-lora", parameters, observed steps, input files, target: the last step) of a run."""
+    from relex.trajectory import AdapterReader, Trajectory
+
+    trajectory = Trajectory.discover(lab / "base", lab / "run")
+    observed = trajectory.observed(cutoff)
+    readers = [observed.reader(observed.base)] + [observed.reader(c.path) for c in observed.checkpoints]
+    files = [str(f) for reader in readers for f in reader.files]
+    kind = "lora" if isinstance(readers[-1], AdapterReader) else "full"
+    params = sum(spec.numel for spec in readers[0].specs.values())
+    return lab.name, f"lab-{kind}", params, observed.steps, files, trajectory.steps[-1]
+
+
 def named_budget(budget: str, run: Path) -> str:
     """``whole``: what holds the largest tensor's whole stack (and one output); ``eighth``: an eighth of that."""
     if budget not in ("whole", "eighth"):
@@ -176,23 +191,31 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each timing; the fastest is reported")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
     parser.add_argument("--keep", type=Path, help="generate the run here, or reuse it if there, and keep it")
+    parser.add_argument("--lab-dir", type=Path, help="time a finished run (LAB/base, LAB/run) instead of a synthetic one")
+    parser.add_argument("--cutoff", type=int, help="with --lab-dir: the last observed step (default: every checkpoint)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/extrapolate.json"))
     args = parser.parse_args()
     budgets, methods, devices = args.budget or ["2GB", "256MB"], args.method or ["relex"], args.device or ["cpu"]
-    scratch = args.keep or Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
+    scratch = args.lab_dir or args.keep or Path(tempfile.mkdtemp(prefix="relex-bench-", dir=args.scratch))
     try:
-        steps = list(range(1, args.checkpoints + 1))
-        t0 = time.perf_counter()
-        if args.keep and (scratch / "base").is_dir():
-            params = sum(s[0] * (s[1] if len(s) > 1 else 1) for s in model_shapes(args.model).values())
+        cutoff_flags = []
+        if args.lab_dir:
+            args.model, args.drift, params, steps, files, target = lab_run(args.lab_dir, args.cutoff)
+            args.dtype = "input"
+            cutoff_flags = ["--cutoff", str(steps[-1])]
         else:
-            params = generate(scratch, args.model, steps, args.drift, getattr(torch, args.dtype))
-        print(f"{args.model}: {params / 1e6:.1f}M params, {args.dtype}, {len(steps)} checkpoints, {args.drift} drift "
-              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-        files = [str(scratch / "base" / "model.safetensors")] + [
-            str(scratch / "run" / f"checkpoint-{s}" / "model.safetensors") for s in steps]
+            steps = list(range(1, args.checkpoints + 1))
+            t0 = time.perf_counter()
+            if args.keep and (scratch / "base").is_dir():
+                params = sum(s[0] * (s[1] if len(s) > 1 else 1) for s in model_shapes(args.model).values())
+            else:
+                params = generate(scratch, args.model, steps, args.drift, getattr(torch, args.dtype))
+            print(f"{args.model}: {params / 1e6:.1f}M params, {args.dtype}, {len(steps)} checkpoints, {args.drift} "
+                  f"drift ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+            files = [str(scratch / "base" / "model.safetensors")] + [
+                str(scratch / "run" / f"checkpoint-{s}" / "model.safetensors") for s in steps]
+            target = 4 * len(steps)
         input_bytes = sum(os.path.getsize(f) for f in files)
-        target = 4 * len(steps)
         reference = time_reference(scratch, target - 1) if args.reference else {}
         rows = []
         for name in budgets:
@@ -204,7 +227,7 @@ def main() -> None:
                 for i, device in enumerate(devices):
                     out = scratch / f"out-{name}-{i}"
                     cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
-                           str(scratch / "run"), "--target", str(target), "--out", str(out), "--memory-budget",
+                           str(scratch / "run"), *cutoff_flags, "--target", str(target), "--out", str(out), "--memory-budget",
                            budget, "--device", device, "--method", *method.split(), "--no-cache", "-q", "--overwrite"]
                     run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
                     outs.append(out / f"step-{target}")
@@ -237,7 +260,7 @@ def main() -> None:
                                          "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     finally:
-        if not args.keep:
+        if not args.keep and not args.lab_dir:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
