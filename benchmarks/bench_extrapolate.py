@@ -227,8 +227,9 @@ def main() -> None:
                 for i, device in enumerate(devices):
                     out = scratch / f"out-{name}-{i}"
                     cmd = [sys.executable, "-m", "relex", "extrapolate", "--base", str(scratch / "base"), "--run",
-                           str(scratch / "run"), *cutoff_flags, "--target", str(target), "--out", str(out), "--memory-budget",
-                           budget, "--device", device, "--method", *method.split(), "--no-cache", "-q", "--overwrite"]
+                           str(scratch / "run"), *cutoff_flags, "--target", str(target), "--out", str(out),
+                           "--memory-budget", budget, "--device", device, "--method", *method.split(), "--no-cache",
+                           "-q", "--overwrite"]
                     run = min((measure(cmd) for _ in range(args.repeat)), key=lambda r: r["seconds"])
                     outs.append(out / f"step-{target}")
                     rows.append({"model": args.model, "dtype": args.dtype, "method": method, "drift": args.drift,

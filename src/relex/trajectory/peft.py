@@ -9,8 +9,8 @@ is W_0 + Delta with Delta = B @ A * scale, scale = lora_alpha / r (lora_alpha / 
 Every other tensor of the base has a zero delta.
 
 ``AdapterReader`` has CheckpointReader's interface (``specs``, ``files``, ``read``, ``file_of``,
-``fingerprint``, ``close``, ``read_delta``, ``delta_factors``), so a trajectory mixes nothing else; its specs are the base's
-(the dtype a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
+``fingerprint``, ``close``, ``read_delta``, ``delta_factors``), so a trajectory mixes nothing else; its specs
+are the base's (the dtype a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
 adapter's factors: the streaming engine takes that, never ``(W_0 + Delta) - W_0`` rounded in between.
 """
 
@@ -202,7 +202,8 @@ class AdapterReader:
         return delta if base is None else delta.reshape(base.shape).to(base.device)
 
     def _delta_into(self, name: str, start: int, stop: int, delta: torch.Tensor) -> None:
-        """``read_delta``'s arithmetic into ``delta`` (the rows' shape), from the adapter file opened once."""
+        """``read_delta``'s arithmetic into ``delta`` (the rows' shape) for an adapted tensor, from the adapter file
+        opened once."""
         lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
         filled = False
         with safe_open(str(self.files[0]), framework="pt") as handle:
@@ -212,7 +213,10 @@ class AdapterReader:
                 filled = True
             if bias is not None:
                 bias_rows = handle.get_tensor(bias[0]).double()[start:stop] * bias[1]
-                delta.add_(bias_rows) if filled else delta.copy_(bias_rows)
+                if filled:
+                    delta.add_(bias_rows)
+                else:
+                    delta.copy_(bias_rows)
                 filled = True
             if lora is not None:
                 a = handle.get_tensor(lora.a).double()
@@ -223,9 +227,6 @@ class AdapterReader:
                     delta.add_(torch.mm(left, right).mul_(lora.scale))
                 else:
                     torch.mm(left, right, out=delta).mul_(lora.scale)
-                    filled = True
-        if not filled:
-            delta.zero_()
 
     def delta_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(left, right), float64, whose product is W - W_0 of 2-D tensor ``name`` (rank r: the LoRA factors with
