@@ -233,7 +233,8 @@ def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     if stream.fits_stacked(spec):
         block = stream.load(name, 0, spec.rows, stacked=True)
         stats = cached or stream.stats(name, spec, block)
-        deltas = StackedDeltas(*block.whole(), spec.shape, source=stream.deltas(name))
+        # the files' deltas give the factors only (LoRA): no rows are read through them, nor buffers taken
+        deltas = StackedDeltas(*block.whole(), spec.shape, source=stream.trajectory.deltas(name, 0))
     else:
         stats = cached or stream.stats(name, spec)
         deltas = stream.deltas(name)

@@ -24,11 +24,13 @@ from relex.errors import RelexError
 from relex.materialize.rounding import cast_into
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
+from relex.trajectory.deltas import BLOCK_KEYS
 from relex.units import parse_size
 
 FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
 CHUNK_BYTES = 2 << 20      # float64 bytes of one chunk of deltas (T+1 x columns): it stays in cache between its
                            # conversion and its products (measured: 1.3-1.9x faster than one float64 stack)
+ROW_KEYS = ("arena", "base-raw", "base64")  # the buffers ``DeltaStream.load`` reads a block's rows into
 SLOW_BUDGET = 2 * FIXED_OVERHEAD  # below it a large tensor is read a few rows per block (measured: 30 min vs 6 s)
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,7 @@ class DeltaStream:
         row_dtype, n_rows = (torch.float64, t) if self.holds_deltas else (spec.dtype, t + 1)
         row_bytes = -(-n_rows * n * row_dtype.itemsize // 8) * 8  # the scratch after it starts 8-byte aligned
         scratch_bytes = workers * (t + 1) * columns * 8 if on_cpu else 0
+        self._buffers.release(*BLOCK_KEYS)  # a direct method's row blocks (``deltas``) are done with
         arena = self.buffer("arena", (row_bytes + scratch_bytes,), torch.uint8, torch.device("cpu"))
         rows = arena[:n_rows * n * row_dtype.itemsize].view(row_dtype).view(n_rows, n)
         if self.holds_deltas:
@@ -250,7 +253,10 @@ class DeltaStream:
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
     def deltas(self, name: str) -> ReadDeltas:
-        """One tensor's deltas in row blocks within the budget (for methods that are not weighted sums)."""
+        """One tensor's deltas in row blocks within the budget (for methods that are not weighted sums). Their
+        buffers take up to the whole budget, so ``load``'s rows are let go first, and theirs by the next ``load``:
+        the two were held at once (measured: 2.3 GB of own memory at a 2 GB budget)."""
+        self._buffers.release(*ROW_KEYS)
         return self.trajectory.deltas(name, max(self.budget - FIXED_OVERHEAD, 0), self._buffers)
 
     def outputs(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:

@@ -42,6 +42,11 @@ class BufferPool:
             have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
         return have[:numel].view(shape)
 
+    def release(self, *keys: str) -> None:
+        """Let buffers go (two sets of buffers that each fill the budget must not be held at once)."""
+        for key in keys:
+            self._buffers.pop(key, None)
+
 
 @dataclass(frozen=True)
 class RowBlock:
@@ -100,6 +105,9 @@ class StackedDeltas(TensorDeltas):
 
     def blocks(self, checkpoints: Sequence[int]) -> Iterator[RowBlock]:
         yield RowBlock(0, self.shape[0], self.base, [self.stack[t].view(self.shape) for t in checkpoints])
+
+
+BLOCK_KEYS = ("base", "stack")  # ReadDeltas' float64 buffers in its pool (its "raw" bytes are shared with others)
 
 
 class ReadDeltas(TensorDeltas):
