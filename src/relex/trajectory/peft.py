@@ -10,8 +10,9 @@ Every other tensor of the base has a zero delta.
 
 ``AdapterReader`` has CheckpointReader's interface (``specs``, ``files``, ``read``, ``file_of``,
 ``fingerprint``, ``close``, ``read_delta``, ``delta_factors``), so a trajectory mixes nothing else; its specs
-are the base's (the dtype a merged model is written in). ``read_delta`` gives Delta itself in float64, computed from the
-adapter's factors: the streaming engine takes that, never ``(W_0 + Delta) - W_0`` rounded in between.
+are the base's (the dtype a merged model is written in). ``read_delta`` gives Delta itself in float64,
+computed from the adapter's factors: the streaming engine takes that, never ``(W_0 + Delta) - W_0`` rounded
+in between.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -190,11 +192,7 @@ class AdapterReader:
         into = out if direct else torch.empty(shape, dtype=torch.float64)
         delta = into.view(shape)
         if name in self._loras or name in self._biases or name in self._full:
-            try:
-                self._delta_into(name, start, stop, delta)
-            except (SafetensorError, OSError) as exc:
-                raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
-                                 "removed or rewritten during the run?)") from None
+            self._delta_into(name, start, stop, delta)
         else:
             delta.zero_()
         if out is not None:
@@ -206,7 +204,7 @@ class AdapterReader:
         opened once."""
         lora, bias, full = self._loras.get(name), self._biases.get(name), self._full.get(name)
         filled = False
-        with safe_open(str(self.files[0]), framework="pt") as handle:
+        with self._adapter_file(name) as handle:
             if full is not None:
                 value = handle.get_tensor(full)
                 delta.copy_(value if value.dim() == 0 else value[start:stop]).sub_(self.base.read(name, start, stop))
@@ -219,10 +217,8 @@ class AdapterReader:
                     delta.copy_(bias_rows)
                 filled = True
             if lora is not None:
-                a = handle.get_tensor(lora.a).double()
-                b = handle.get_tensor(lora.b).double()
-                # rows of B @ A, or of (B @ A)^T = A^T B^T for embeddings and fan_in_fan_out layers
-                left, right = (a[:, start:stop].T, b.T) if lora.transpose else (b[start:stop], a)
+                left, right = self._lora_factors(handle, lora)
+                left = left[start:stop]
                 if filled:
                     delta.add_(torch.mm(left, right).mul_(lora.scale))
                 else:
@@ -239,13 +235,26 @@ class AdapterReader:
         if lora is None:
             return (torch.zeros(spec.shape[0], 0, dtype=torch.float64),
                     torch.zeros(0, spec.shape[1], dtype=torch.float64))
+        with self._adapter_file(name) as handle:
+            left, right = self._lora_factors(handle, lora)
+        return left, right * lora.scale
+
+    @contextmanager
+    def _adapter_file(self, name: str) -> Iterator:
+        """The adapter file opened for reading ``name``'s factors; a RelexError naming both if that fails."""
         try:
             with safe_open(str(self.files[0]), framework="pt") as handle:
-                a, b = handle.get_tensor(lora.a).double(), handle.get_tensor(lora.b).double()
+                yield handle
         except (SafetensorError, OSError) as exc:
             raise RelexError(f"{self.files[0]}: cannot read the factors of '{name}' ({exc}; was the checkpoint "
                              "removed or rewritten during the run?)") from None
-        return (a.T, b.T * lora.scale) if lora.transpose else (b, a * lora.scale)
+
+    @staticmethod
+    def _lora_factors(handle, lora: _Lora) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) in float64, unscaled, or (A^T, B^T) for embeddings and fan_in_fan_out layers, whose merge is
+        (B @ A)^T: the delta is left @ right * scale, rows x r times r x row_numel."""
+        a, b = handle.get_tensor(lora.a).double(), handle.get_tensor(lora.b).double()
+        return (a.T, b.T) if lora.transpose else (b, a)
 
     def read(self, name: str, start: int = 0, stop: int | None = None,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
