@@ -12,6 +12,7 @@ at the budget whatever the model size."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,18 @@ SLOW_BUDGET = 2 * FIXED_OVERHEAD  # below it a large tensor is read a few rows p
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+
+def _single_threaded_ops() -> None:
+    """Run torch's kernels in this worker thread on this thread alone: the workers are one per core already, and
+    each one's OpenMP team of torch's thread count put 4 threads on 2 cores (measured on a 0.5B bf16 run: 170K
+    involuntary context switches, down to 2.5K, and 15.4-19.6 s down to 14.3-14.7 s). OpenMP's thread count is
+    per thread: only the pool's threads change, after torch's first kernel here has set its own (it would reset
+    ours). Without an OpenMP runtime in the process (other torch builds), nothing changes."""
+    torch.zeros(2).add_(1)
+    set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+    if set_threads is not None:
+        set_threads(1)
 
 
 def budget_bytes(memory_budget: str | int) -> int:
@@ -156,7 +169,7 @@ class DeltaStream:
         self._buffers = BufferPool(self.device)
         # files are read, and chunks computed, side by side (both release the GIL): a thread per core
         self.workers = max(1, torch.get_num_threads())
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex")
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex", initializer=_single_threaded_ops)
 
     def bytes_per_element(self, spec: TensorSpec, stacked: bool = False) -> int:
         """Live bytes per tensor element: the stored rows (float64 deltas for adapters) and the outputs, plus a
