@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import rank1_run, save_pico_model
 from relex import NExt, RelexError, Trajectory, extrapolate
 from relex.cli import main
-from relex.methods.next import default_horizon, rank1
+from relex.methods.next import _Predictor, default_horizon, predictor_parameters, rank1
 from relex.trajectory import CheckpointReader
 
 REGULAR = list(range(1, 13))
@@ -107,3 +108,18 @@ def test_bad_next_input_is_refused(linear_run, tmp_path, capsys) -> None:
                  "--target", "30", "--out", str(tmp_path / "cli"), "--no-cache", "-q"])
     assert code == 2 and "no two observed steps are 99 apart" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+
+
+def test_predictor_memory_beyond_the_budget_is_said(linear_run, caplog) -> None:
+    """The predictors' training state is the method's own, outside --memory-budget: a run is told when it is larger."""
+    base, run, *_ = linear_run
+    traj = Trajectory.discover(base, run)
+    for dim, step_input in [(5, False), (64, True)]:
+        module = _Predictor(dim, 256, step_input)
+        assert predictor_parameters(dim, 256, step_input) == sum(p.numel() for p in module.parameters())
+    with caplog.at_level(logging.WARNING, logger="relex"):
+        NExt(epochs=5).fit(traj, progress=False)
+    assert "beyond --memory-budget" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="relex"):
+        NExt(epochs=5).fit(traj, progress=False, memory_budget="64KB")
+    assert "predictor for length" in caplog.text and "beyond --memory-budget 64" in caplog.text

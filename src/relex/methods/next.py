@@ -40,7 +40,7 @@ from relex.memory import release_freed_memory
 from relex.methods.base import DirectMethod, RankOnePrediction, option
 from relex.methods.triplet import DeltaDifference, RowBlockMatrix, Triplet, top_singular_triplet
 from relex.trajectory import BufferPool, TensorDeltas, Trajectory
-from relex.units import parse_size
+from relex.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ class _Predictor(torch.nn.Module):
         if self.step_input:
             parts.append(step[:, None])
         return self.combine(torch.cat(parts, dim=1))
+
+
+def predictor_parameters(dim: int, hidden: int, step_input: bool) -> int:
+    """Parameters of ``_Predictor(dim, hidden, step_input)``, counted without building it."""
+    return 7 * dim * hidden + step_input * hidden + 3 * hidden + 3 * dim
 
 
 @dataclass
@@ -197,6 +202,7 @@ class NExt(DirectMethod):
         self.losses_: dict[str, float] = {}
         for (role, dim), group in tqdm(sorted(groups.items()), desc="next: predictors", disable=not progress,
                                        leave=False):
+            self._warn_beyond_budget(role, dim, block_bytes)
             pred, loss = train_group(group, self.hidden, self.step_input, self.epochs, self.lr, self.seed)
             self.losses_[f"{role}:{dim}"] = loss
             for owner, row in zip(group.owners, pred):
@@ -204,6 +210,17 @@ class NExt(DirectMethod):
         log.info("next: horizon %d, %d pairs, %d groups, final L1 losses %s", self.horizon_, len(pairs),
                  len(groups), self.losses_)
         return self
+
+    def _warn_beyond_budget(self, role: str, dim: int, budget: int) -> None:
+        """Say when a predictor's training state (float32 weights, gradients, AdamW's two moments) exceeds the
+        budget: it is the method's own (the original's width, for a factor ``dim`` long), which the budget does not
+        bound (measured: 1.4 GB for SmolLM2's 49152-long embedding factors)."""
+        params = predictor_parameters(dim, self.hidden, self.step_input)
+        need = 16 * params
+        if budget and need > budget:
+            log.warning("next: the %s-factor predictor for length %d trains %s parameters, %s of weights, gradients "
+                        "and AdamW state beyond --memory-budget %s (the method's own width; the budget bounds the "
+                        "deltas read)", role, dim, f"{params:,}", format_size(need), format_size(budget))
 
     def _collect_vector(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]],
                         positions: list[float]) -> None:
