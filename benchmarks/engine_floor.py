@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relex.materialize.stream import Block, _chunk_columns
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_extrapolate import lab_run  # noqa: E402
+
+from relex.materialize.stream import Block, _chunk_columns  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -69,16 +72,6 @@ def cat_seconds(paths: list[str], repeat: int) -> float:
     return best_of(repeat, lambda: subprocess.run(cat, check=True))
 
 
-def run_files(run: Path) -> tuple[list[str], int]:
-    """(every input file, elements of every tensor in them) of a run folder with base/ and run/."""
-    from relex.trajectory import Trajectory
-
-    trajectory = Trajectory.discover(run / "base", run / "run")
-    readers = [trajectory.reader(trajectory.base)] + [trajectory.reader(c.path) for c in trajectory.checkpoints]
-    files = [str(f) for reader in readers for f in reader.files]
-    return files, sum(spec.numel for reader in readers for spec in reader.specs.values())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="stored dtype of the rows")
@@ -97,7 +90,8 @@ def main() -> None:
     ns = {stage: 1e9 * s / elements for stage, s in seconds.items()}
     floor_ns = (ns["Gram pass"] + ns["sums pass"]) / args.cores  # per input element, both passes, every core busy
     if args.run:
-        files, run_elements = run_files(args.run)
+        _, _, params, steps, files, _ = lab_run(args.run, None)
+        run_elements = params * (len(steps) + 1)  # the base and every checkpoint store every tensor
     else:
         with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir(), delete=False) as f:
             f.write(torch.zeros(elements, dtype=dtype).view(torch.uint8).numpy().tobytes())
