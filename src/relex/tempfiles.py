@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from relex.errors import RelexError
+
 log = logging.getLogger(__name__)
 
 _TEMP = re.compile(r"\.(?P<name>.+)\.relex-(?P<kind>tmp|old)-(?P<pid>\d+)")
@@ -63,3 +65,17 @@ def sweep(folder: Path) -> None:
             continue
         log.info("removing %s, left by a process that died", entry)
         remove(entry)
+
+
+def refuse_overlap(out: Path, **inputs: Path | None) -> None:
+    """Refuse an output folder (one that is built and replaced whole) that is, or holds, one of the
+    inputs (``run=``, ``base=``, a checkpoint ...), before anything is touched: replacing it would
+    destroy what the command reads. An output inside an input (``--out RUN``'s ``step-T/``) is allowed."""
+    target = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or source.is_relative_to(target):
+            raise RelexError(f"{out}: would replace {path} (--{flag.replace('_', '-')}); "
+                             f"choose an output folder that holds none of the inputs")
