@@ -269,7 +269,11 @@ def test_cli_extrapolate_with_each_method(pico, tmp_path, name, capsys):
                 "expo": {"alpha": 0.5}, "alpharl": {"target": "accuracy", "pls_scale": False},
                 "next": {"horizon": 5, "step_input": True, "epochs": 50, "lr": 0.01}}[name]
     assert expected.items() <= meta["params"].items()
+
+
+def test_every_method_is_registered_and_tested_from_the_cli():
     assert set(METHODS) >= {"relex", "two-point", "expo", "alpharl", "next"}
+    assert set(CLI_FLAGS) <= set(METHODS)
 
 
 def test_cli_refuses_bad_peer_input(pico, tmp_path, capsys):
