@@ -1,0 +1,261 @@
+"""Verified extrapolation: choose how far (target) and how much (shrink) on the user's own verifiable problems.
+
+Candidates are every target T x shrink lambda, the model W_0 + lambda (W_pred(T) - W_0); the cutoff
+checkpoint is the incumbent. The problems are split once, by a fixed seed, into a decision part, on which
+the candidates race against the incumbent in rounds (paired per-problem differences; a candidate already
+``drop_z`` standard errors behind the leader stops being scored), and a confirmation part that scores only
+the pick. The pick is published only if its paired gain over the incumbent on the confirmation part exceeds
+``margin`` standard errors: chosen on one part, judged on the other, so the choice does not inflate the gain.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from relex.analysis.metrics import mean_stderr
+from relex.errors import RelexError
+
+if TYPE_CHECKING:
+    from relex.lab.dataset_eval import Item
+    from relex.methods.base import Method
+    from relex.stats.gram import TensorStats
+    from relex.trajectory import Trajectory
+
+DEFAULT_SHRINKS = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_MARGIN = 1.0  # standard errors of the confirmation gain; provisional until calibrated (docs/trust.md)
+NOT_VERIFIED = 3      # exit status when no candidate beat stopping on the confirmation part
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One prediction to score: the method's W_pred at ``target``, shrunk towards the base by ``shrink``."""
+
+    target: int
+    shrink: float
+
+    @property
+    def label(self) -> str:
+        return f"step {self.target} x{self.shrink:g}"
+
+
+Scorer = Callable[["Candidate | None", np.ndarray], np.ndarray]
+"""Right (True) or wrong per problem index, for a candidate or (None) the incumbent."""
+
+
+def split_problems(n: int, seed: int = 0, confirm_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(decision, confirmation) indices: a seeded permutation of ``n`` problems cut once, never overlapping."""
+    if not 0 < confirm_share < 1:
+        raise RelexError(f"--verify-share {confirm_share}: give the confirmation part's share, between 0 and 1")
+    if n < 4:
+        raise RelexError(f"--verify needs at least 4 problems to split into decision and confirmation parts (got {n})")
+    order = np.random.default_rng(seed).permutation(n)
+    size = min(n - 2, max(2, round(n * confirm_share)))
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
+@dataclass
+class Race:
+    """The decision part's outcomes: per candidate the problems scored so far, and the round it was dropped in."""
+
+    incumbent: np.ndarray
+    outcomes: dict[Candidate, np.ndarray]
+    dropped: dict[Candidate, int] = field(default_factory=dict)
+
+    def versus_incumbent(self, c: Candidate) -> tuple[float, float]:
+        """Paired mean difference (candidate - incumbent) and its SE on the problems the candidate saw."""
+        got = self.outcomes[c]
+        return mean_stderr(got.astype(float) - self.incumbent[:len(got)])
+
+    def pick(self) -> Candidate:
+        """The best fully scored candidate by paired gain; ties go to the nearer, less extrapolated one."""
+        finished = [c for c in self.outcomes if c not in self.dropped]
+        return max(finished, key=lambda c: (self.versus_incumbent(c)[0], -c.shrink * c.target, -c.target))
+
+
+def race(candidates: Sequence[Candidate], score: Scorer, decision: np.ndarray, rounds: int = 3,
+         drop_z: float = 3.0, progress: Callable[[int], None] | None = None) -> Race:
+    """Score the decision part in ``rounds`` chunks; after each but the last, drop the candidates whose paired
+    difference to the leader is below zero by more than ``drop_z`` SEs (the cost: a few full evaluations)."""
+    chunks = [c for c in np.array_split(decision, max(1, min(rounds, len(decision)))) if len(c)]
+    result = Race(np.empty(0), {c: np.empty(0, dtype=bool) for c in candidates})
+    alive = list(candidates)
+    for r, chunk in enumerate(chunks, start=1):
+        result.incumbent = np.concatenate([result.incumbent, score(None, chunk).astype(float)])
+        for c in alive:
+            result.outcomes[c] = np.concatenate([result.outcomes[c], score(c, chunk)])
+        if progress:
+            progress(len(chunk) * (len(alive) + 1))
+        if r == len(chunks):
+            break
+        leader = max(alive, key=lambda c: result.outcomes[c].mean())
+        for c in alive:
+            diff, se = mean_stderr(result.outcomes[c].astype(float) - result.outcomes[leader])
+            if c != leader and diff + drop_z * (se if math.isfinite(se) else math.inf) < 0:
+                result.dropped[c] = r
+        alive = [c for c in alive if c not in result.dropped]
+    return result
+
+
+@dataclass
+class Verdict:
+    """What ``verify`` decided, with every number behind it (``as_dict`` is ``verify.json``)."""
+
+    race: Race
+    pick: Candidate
+    confirmation: tuple[float, float]   # paired gain of the pick over the incumbent, its SE
+    incumbent_confirmation: float       # incumbent accuracy on the confirmation part
+    pick_confirmation: float            # pick accuracy on the confirmation part
+    margin: float
+    decision_idx: np.ndarray
+    confirmation_idx: np.ndarray
+    seed: int
+
+    @property
+    def published(self) -> bool:
+        gain, se = self.confirmation
+        return gain > 0 and gain > self.margin * (se if math.isfinite(se) else math.inf)
+
+    def summary(self) -> str:
+        gain, se = self.confirmation
+        verb = "beats" if self.published else "does not beat"
+        return (f"{self.pick.label} {verb} stopping on the confirmation part: {100 * self.pick_confirmation:.1f}% vs "
+                f"{100 * self.incumbent_confirmation:.1f}%, paired gain {100 * gain:+.1f} ± {100 * se:.1f} points "
+                f"(margin {self.margin:g} SE, {len(self.confirmation_idx)} problems)")
+
+    def rows(self) -> list[dict]:
+        """One row per candidate: its decision-part numbers, and the confirmation for the pick."""
+        out = []
+        for c, got in self.race.outcomes.items():
+            diff, se = self.race.versus_incumbent(c)
+            row = {"target": c.target, "shrink": c.shrink, "decision_scored": int(len(got)),
+                   "decision_accuracy": float(got.mean()), "decision_gain": diff, "decision_gain_se": se,
+                   "dropped_in_round": self.race.dropped.get(c), "picked": c == self.pick}
+            if c == self.pick:
+                row.update(confirmation_accuracy=self.pick_confirmation, confirmation_gain=self.confirmation[0],
+                           confirmation_gain_se=self.confirmation[1])
+            out.append(row)
+        return out
+
+    def as_dict(self) -> dict:
+        gain, se = self.confirmation
+        return {"split": {"seed": self.seed, "decision": self.decision_idx.tolist(),
+                          "confirmation": self.confirmation_idx.tolist()},
+                "incumbent": {"decision_accuracy": float(self.race.incumbent.mean()),
+                              "confirmation_accuracy": self.incumbent_confirmation},
+                "candidates": self.rows(),
+                "decision": {"published": self.published, "target": self.pick.target, "shrink": self.pick.shrink,
+                             "gain": gain, "gain_se": se, "margin": self.margin, "summary": self.summary()}}
+
+
+def verify(candidates: Sequence[Candidate], score: Scorer, n_problems: int, *, seed: int = 0,
+           confirm_share: float = 0.5, margin: float = DEFAULT_MARGIN, rounds: int = 3, drop_z: float = 3.0,
+           progress: Callable[[int], None] | None = None) -> Verdict:
+    """Race ``candidates`` on the decision part, confirm the pick against the incumbent on the other part."""
+    if not candidates:
+        raise RelexError("--verify needs at least one candidate (a --target)")
+    decision, confirmation = split_problems(n_problems, seed, confirm_share)
+    result = race(candidates, score, decision, rounds, drop_z, progress)
+    pick = result.pick()
+    incumbent, got = score(None, confirmation).astype(float), score(pick, confirmation).astype(float)
+    if progress:
+        progress(2 * len(confirmation))
+    return Verdict(result, pick, mean_stderr(got - incumbent), float(incumbent.mean()), float(got.mean()), margin,
+                   decision, confirmation, seed)
+
+
+def load_grader(spec: str | None) -> Callable[[str, str], bool]:
+    """math-verify's strict grading, or a user's ``module:function`` taking (completion, answer) to a bool."""
+    if spec is None:
+        from relex.lab.grading import grade
+
+        return grade
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RelexError(f"--grader {spec}: cannot import it as module:function ({exc})") from None
+    if not callable(fn):
+        raise RelexError(f"--grader {spec}: is not a function")
+    return fn
+
+
+class ModelScorer:
+    """Scores candidates by streaming their weights into one loaded model (never written to disk) and decoding
+    greedily, batched, with a KV cache; each problem's outcome for a candidate is computed once."""
+
+    def __init__(self, trajectory: "Trajectory", method: "Method", stats: dict[str, "TensorStats"],
+                 items: Sequence["Item"], *, max_new_tokens: int = 512, batch_size: int = 64,
+                 device: str = "cpu", memory_budget: str | int = "2GB", grader: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from relex.analysis.probe import WeightLoader
+        from relex.lab.dataset_eval import render_items
+        from relex.lab.evaluate import load_tokenizer
+
+        self.method, self.stats, self.steps = method, stats, trajectory.steps
+        self.max_new_tokens, self.batch_size, self.grade = max_new_tokens, batch_size, load_grader(grader)
+        self.loader = WeightLoader(trajectory, memory_budget, device)
+        try:
+            self.tokenizer = load_tokenizer(trajectory.base, trajectory.checkpoints[-1].path)
+            self.model = AutoModelForCausalLM.from_pretrained(trajectory.base, dtype="auto", local_files_only=True,
+                                                              attn_implementation="eager").eval()
+        except (OSError, ValueError) as exc:
+            raise RelexError(f"{trajectory.base}: cannot load the base model and tokenizer for --verify "
+                             f"({str(exc).splitlines()[0]})") from None
+        self.model.to(torch.device(self.loader.device))
+        self.loader.check(self.model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.problems = render_items(list(items), self.tokenizer)
+        self.loaded: Candidate | None | str = "nothing"
+        self.seen: dict[Candidate | None, dict[int, bool]] = {}
+
+    def weights(self, c: Candidate | None) -> dict[str, np.ndarray]:
+        """Per tensor, the candidate's weights on the observed deltas (the incumbent: the cutoff's alone)."""
+        if c is None:
+            last = np.eye(len(self.steps))[-1]
+            return {name: last for name in self.stats}
+        return {name: c.shrink * self.method.weights(s, [c.target])[0] for name, s in self.stats.items()}
+
+    def __call__(self, c: Candidate | None, indices: np.ndarray) -> np.ndarray:
+        from relex.lab.evaluate import greedy_completions
+
+        seen = self.seen.setdefault(c, {})
+        todo = [int(i) for i in indices if int(i) not in seen]
+        if todo:
+            if self.loaded != c:
+                self.loader.load(self.model, self.steps, self.weights(c))
+                self.loaded = c
+            problems = [self.problems[i] for i in todo]
+            texts = greedy_completions(self.model, self.tokenizer, problems, self.max_new_tokens, self.batch_size)
+            for i, text, p in zip(todo, texts, problems, strict=True):
+                seen[i] = bool(self.grade(text, p.answer))
+        return np.array([seen[int(i)] for i in indices], dtype=bool)
+
+
+def plot_verdict(verdict: Verdict, path: Path) -> None:
+    """Decision-part accuracy against target, one line per shrink, the incumbent as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for shrink in sorted({c.shrink for c in verdict.race.outcomes}):
+        points = sorted((c.target, float(got.mean())) for c, got in verdict.race.outcomes.items() if c.shrink == shrink)
+        ax.plot(*zip(*points), marker="o", label=f"shrink {shrink:g}")
+    ax.axhline(float(verdict.race.incumbent.mean()), color="black", linestyle="--", label="stop (cutoff)")
+    ax.set_xlabel("target step")
+    ax.set_ylabel("accuracy, decision part")
+    ax.set_title("verified extrapolation: " + ("published " + verdict.pick.label if verdict.published else "none"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
