@@ -80,3 +80,86 @@ def test_verdict_json_has_every_candidate_and_disjoint_parts():
     assert len(doc["candidates"]) == 4 and sum(r["picked"] for r in doc["candidates"]) == 1
     assert not set(doc["split"]["decision"]) & set(doc["split"]["confirmation"])
     assert doc["decision"]["published"] == (doc["decision"]["gain"] > doc["decision"]["margin"] * doc["decision"]["gain_se"])
+
+
+# -- end to end on a pico model: a run built to gain, and one built to collapse ---------------------------
+SEVEN = 9  # the pico tokenizer's id of "7"
+
+
+def answer_run(tmp_path, gain: bool, steps=(1, 2, 3, 4), n=80):
+    """A pico run whose lm_head row of "7" moves linearly towards the prompts' mean final hidden state.
+
+    ``gain``: every answer is "7", so the run gains with the horizon (stopping at step 4 is ~20% right); else
+    every answer is the base's own greedy token, so the run moves away from them and extrapolation collapses.
+    Returns (base, run, dataset file, a target far enough to answer ~95% with "7")."""
+    import json
+    import random
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tokenizer, save_pico_model
+
+    base = save_pico_model(tmp_path / "base")
+    tok = make_tokenizer()
+    rng = random.Random(0)
+    prompts = ["".join(rng.choice("0123456789+= abc") for _ in range(rng.randint(3, 7))) for _ in range(4 * n)]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = torch.stack([model.model(**tok(p, return_tensors="pt")).last_hidden_state[0, -1] for p in prompts])
+        logits = hidden @ model.lm_head.weight.T
+    u = hidden.mean(0) / hidden.mean(0).norm()
+    reach = hidden @ u
+    gap = logits.max(-1).values - logits[:, SEVEN]
+    keep = [i for i in range(len(prompts)) if reach[i] > 0.05 and gap[i] > 0 and logits[i].argmax() != SEVEN][:n]
+    ratio = (gap[keep] / reach[keep]).double()
+    rate = float(ratio.quantile(0.2)) / steps[-1]  # logit shift per step and unit reach: ~20% flip at the cutoff
+    target = int(np.ceil(float(ratio.quantile(0.95)) / rate))
+    w0 = load_file(str(base / "model.safetensors"))
+    for step in steps:
+        tensors = dict(w0)
+        head = w0["lm_head.weight"].double().clone()
+        head[SEVEN] += rate * step * u.double()
+        tensors["lm_head.weight"] = head.float().contiguous()
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    answers = ["7" if gain else tok.decode([int(logits[i].argmax())]) for i in keep]
+    data = tmp_path / "verify.jsonl"
+    data.write_text("".join(json.dumps({"prompt": prompts[i], "answer": a}) + "\n" for i, a in zip(keep, answers)))
+    return base, tmp_path / "run", data, target
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    """The tests' grader (``--grader test_verify:exact_match``): the pico model answers one token."""
+    return completion == answer
+
+
+def scored_verdict(tmp_path, gain: bool):
+    from relex.lab.dataset_eval import read_dataset
+    from relex.materialize import compute_stats
+    from relex.methods import METHODS
+    from relex.trajectory import Trajectory
+    from relex.verify import ModelScorer
+
+    base, run, data, target = answer_run(tmp_path, gain)
+    trajectory = Trajectory.discover(base, run).observed(None)
+    method = METHODS["relex"]().fit(trajectory, progress=False)
+    stats = compute_stats(trajectory, cache=False, progress=False)
+    items = read_dataset(data)
+    scorer = ModelScorer(trajectory, method, stats, items, max_new_tokens=1, grader="test_verify:exact_match")
+    cands = [Candidate(t, s) for t in (8, target // 2, target) for s in (0.5, 1.0)]
+    return verify(cands, scorer, len(items), seed=0), target
+
+
+def test_a_run_that_gains_publishes_the_far_full_candidate(tmp_path):
+    verdict, target = scored_verdict(tmp_path, gain=True)
+    assert verdict.published, verdict.summary()
+    assert verdict.pick.target >= target // 2 and verdict.confirmation[0] > 0.3
+
+
+def test_a_run_that_collapses_publishes_nothing(tmp_path):
+    verdict, _ = scored_verdict(tmp_path, gain=False)
+    assert not verdict.published, verdict.summary()
+    assert verdict.pick_confirmation <= verdict.incumbent_confirmation
