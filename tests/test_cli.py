@@ -28,7 +28,7 @@ def test_extrapolate_and_analyze_end_to_end(pico, tmp_path):
         assert (folder / "model.safetensors.index.json").is_file()
         assert {s.dtype for s in CheckpointReader(folder).specs.values()} == {__import__("torch").bfloat16}
         meta = json.loads((folder / "relex.json").read_text())
-        assert meta["target"] == step and meta["params"] == {"rank": 1, "cutoff": 13, "trend": "linear", "anchor": 0}
+        assert meta["target"] == step and meta["params"] == {"rank": 1, "cutoff": 13, "trend": "linear", "anchor": 0, "shrink": 1.0}
         assert 0.9 < meta["trajectory_summary"]["explained_var_rank1"]["median"] <= 1.0
 
     report = tmp_path / "report.json"

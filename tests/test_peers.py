@@ -30,7 +30,7 @@ def test_expo_is_cutoff_plus_alpha_times_its_delta(pico, tmp_path):
         expected = cut.double() + 0.5 * (cut.double() - w0[name].double())
         torch.testing.assert_close(reader.read(name).double(), expected, rtol=1e-6, atol=1e-7)
     meta = json.loads((folder / "relex.json").read_text())
-    assert meta["method"] == "expo" and meta["params"] == {"alpha": 0.5, "cutoff": 13} and meta["target"] == 99
+    assert meta["method"] == "expo" and meta["params"] == {"alpha": 0.5, "cutoff": 13, "shrink": 1.0} and meta["target"] == 99
 
 
 def test_expo_weights_and_target_rules(pico, tmp_path):

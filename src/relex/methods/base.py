@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Sequence
@@ -52,10 +53,20 @@ class Method(ABC):
     min_checkpoints: ClassVar[int] = 2  # observed checkpoints the method needs (a line: two)
 
     cutoff: int | None = option(None, shared=True)
+    shrink: float = option(1.0, shared=True)  # the prediction written is W_0 + shrink (W_pred - W_0)
 
     @abstractmethod
     def weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
         """Weights A (len(targets) x T) so that the predicted delta at target j is sum_t A[j, t] Delta_t."""
+
+    def shrunk_weights(self, stats: TensorStats, targets: Sequence[float]) -> np.ndarray:
+        """``weights`` times ``shrink``: the prediction moved towards the base W_0 (whatever the anchor)."""
+        out = self.weights(stats, targets)
+        return out if self.shrink == 1 else out * self.shrink
+
+    def check_shrink(self) -> None:
+        if not (math.isfinite(self.shrink) and self.shrink > 0):
+            raise RelexError(f"--shrink {self.shrink}: give a positive, finite factor (1 = the method's prediction)")
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters, recorded in each output's ``relex.json``."""
@@ -82,7 +93,7 @@ class Method(ABC):
         values = {}
         for param in fields(cls):
             if param.metadata["shared"]:
-                values[param.name] = getattr(args, param.name)
+                values[param.name] = getattr(args, param.name, param.default)
             elif param.metadata["help"] is not None:
                 value = getattr(args, cls._flag(param).removeprefix("--").replace("-", "_"), param.default)
                 parse = param.metadata["parse"]
@@ -111,6 +122,7 @@ class Method(ABC):
         ``progress`` draws bars and ``memory_budget`` bounds the bytes held at a time for methods that read
         the checkpoints while fitting (NExt).
         """
+        self.check_shrink()
         self.trajectory_ = trajectory.observed(self.cutoff, self.min_checkpoints)
         self.specs_: dict[str, TensorSpec] = self.trajectory_.tensor_specs()
         return self
@@ -128,6 +140,7 @@ class RankOnePrediction:
     anchor: int | None
     left: torch.Tensor | None = None   # targets x rows, float64
     right: torch.Tensor | None = None  # row_numel, float64
+    scale: float = 1.0                 # the method's shrink: every term times it, in float64 before rounding
 
     def rows(self, j: int, start: int, stop: int, anchor_rows: torch.Tensor | None) -> torch.Tensor:
         """Target j's predicted delta on rows start:stop, float64 (stop - start) x row_numel.
@@ -135,9 +148,11 @@ class RankOnePrediction:
         ``anchor_rows`` are Delta_anchor's rows start:stop (unused, may be None, when ``anchor`` is None).
         """
         if self.left is None:
-            return anchor_rows.clone()
+            return anchor_rows * self.scale
         term = self.left[j, start:stop, None] * self.right[None, :]
-        return term if self.anchor is None else term.add_(anchor_rows)
+        if self.anchor is not None:
+            term.add_(anchor_rows)
+        return term if self.scale == 1 else term.mul_(self.scale)
 
 
 @dataclass(eq=False, kw_only=True)

@@ -23,6 +23,7 @@ class TwoPoint(Method):
     """Straight line through the anchor (default: the base) and the last observed checkpoint."""
 
     name = "two-point"
+    min_checkpoints = 1  # a line through the base and one checkpoint: first-update scaling, W_0 + (T/c)(W_c - W_0)
 
     anchor: int = option(0, shared=True)
     norms_from_cutoff: bool = option(False, "two-point: copy norm weights (1-D, name contains 'norm') from the "
