@@ -259,3 +259,85 @@ def plot_verdict(verdict: Verdict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def verdict_table(verdict: Verdict):
+    """The candidates as a rich table: decision-part accuracy and paired gain, the pick's confirmation."""
+    from rich.table import Table
+
+    table = Table(title=f"verified extrapolation (stop: {100 * verdict.race.incumbent.mean():.1f}% on the decision "
+                        f"part, {len(verdict.decision_idx)} problems)")
+    for name in ("target", "shrink", "scored", "accuracy", "gain vs stop", "confirmation gain"):
+        table.add_column(name, justify="right")
+    for row in verdict.rows():
+        dropped = f" (dropped, round {row['dropped_in_round']})" if row["dropped_in_round"] else ""
+        confirm = (f"{100 * row['confirmation_gain']:+.1f} ± {100 * row['confirmation_gain_se']:.1f}"
+                   if row["picked"] else "")
+        table.add_row(str(row["target"]), f"{row['shrink']:g}", f"{row['decision_scored']}{dropped}",
+                      f"{100 * row['decision_accuracy']:.1f}%",
+                      f"{100 * row['decision_gain']:+.1f} ± {100 * row['decision_gain_se']:.1f}", confirm)
+    return table
+
+
+@dataclass
+class VerifyOptions:
+    """``--verify``'s settings: the problems file, the shrink grid, the split and the decision's margin."""
+
+    dataset: Path
+    shrinks: Sequence[float] = DEFAULT_SHRINKS
+    margin: float = DEFAULT_MARGIN
+    seed: int = 0
+    confirm_share: float = 0.5
+    max_new_tokens: int = 512
+    batch_size: int = 64
+    grader: str | None = None
+    record: Path | None = None  # verify.json's copy wherever the user wants it, published or not
+
+
+def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path, options: VerifyOptions, *,
+                         engine: dict, progress: bool = True, **write) -> tuple[Verdict, list[Path]]:
+    """Score every target x shrink of a fitted method against its cutoff checkpoint on ``options.dataset`` and
+    write the pick to ``out_dir/step-T`` (``verify.json`` and ``verify.png`` inside) only if it is confirmed; ``engine``
+    and ``write`` are ``extrapolate``'s options. Returns the verdict and the folders written (none if refused)."""
+    from tqdm.auto import tqdm
+
+    from relex.jsonout import dumps_strict
+    from relex.lab.dataset_eval import read_dataset
+    from relex.materialize import compute_stats, extrapolate
+    from relex.methods.base import DirectMethod
+    from relex.tempfiles import temp_path
+
+    if isinstance(method, DirectMethod):
+        raise RelexError(f"--verify streams weighted sums of the checkpoints into one model; --method {method.name} "
+                         "predicts directly: write its outputs, then compare them with `relex eval`")
+    for shrink in options.shrinks:
+        if not (math.isfinite(shrink) and shrink > 0):
+            raise RelexError(f"--shrink {shrink}: give positive, finite factors")
+    items = read_dataset(options.dataset)
+    trajectory = method.trajectory_
+    method.check_targets(targets, trajectory.steps)
+    stats = compute_stats(trajectory, **engine, progress=progress)
+    scorer = ModelScorer(trajectory, method, stats, items, max_new_tokens=options.max_new_tokens,
+                         batch_size=options.batch_size, device=engine.get("device", "cpu"),
+                         memory_budget=engine.get("memory_budget", "2GB"), grader=options.grader)
+    candidates = [Candidate(int(t), float(s)) for t in sorted(set(targets)) for s in dict.fromkeys(options.shrinks)]
+    worst = len(items) * (len(candidates) + 1) + len(items)
+    with tqdm(total=worst, desc=f"verify {len(candidates)} candidates", unit="answer", disable=not progress) as bar:
+        verdict = verify(candidates, scorer, len(items), seed=options.seed, confirm_share=options.confirm_share,
+                         margin=options.margin, progress=bar.update)
+    record = dumps_strict(verdict.as_dict(), indent=2) + "\n"
+    if options.record is not None:
+        tmp = temp_path(Path(options.record))
+        tmp.write_text(record)
+        tmp.replace(options.record)
+    if not verdict.published:
+        return verdict, []
+    method.shrink = verdict.pick.shrink
+    folders = extrapolate(method, out_dir, [verdict.pick.target], stats=stats, progress=progress, **engine,
+                          **{**write, "run_info": {**write.get("run_info", {}), "verify": verdict.as_dict()}})
+    for folder in folders:  # beside relex.json (which holds the same record): the table and its plot
+        tmp = temp_path(folder / "verify.json")
+        tmp.write_text(record)
+        tmp.replace(folder / "verify.json")
+        plot_verdict(verdict, folder / "verify.png")
+    return verdict, folders
