@@ -8,8 +8,9 @@ coefficient trajectories with their fits and the rank-k explained variance. Accu
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,9 +20,11 @@ from relex.errors import RelexError
 from relex.jsonout import write_json
 from relex.methods.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
-from relex.tempfiles import remove, sweep, temp_path
+from relex.tempfiles import building, check_replaceable
 
 MAX_RANK_SHOWN = 5
+REPORT_LAYOUT = ("report.json", "report.md", "*.png")  # what a report folder holds; report.json always
+SCORES_SHAPE = '{"real": {"STEP": accuracy, ...}, ...}'
 
 
 def coefficient_curve(name: str, full: TensorStats, observed: list[int]) -> dict:
@@ -54,32 +57,64 @@ def representative(stats: dict[str, TensorStats], diag: dict, count: int = 4) ->
 
 
 def write_report(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,
-                 scores: dict[str, dict[str, float]] | None = None, probe_rows: list[dict] | None = None) -> Path:
+                 scores: dict[str, dict[str, float]] | None = None, probe_rows: list[dict] | None = None,
+                 overwrite: bool = True) -> Path:
     """Write ``report.md``, ``report.json`` and PNGs into ``out_dir``; returns the Markdown path.
 
-    The folder is built under a hidden temporary name and renamed when complete (an existing one replaced).
+    The folder is built under a hidden temporary name and published when complete; an existing one is
+    replaced only with ``overwrite`` and only if it is a previous report (``check_out``).
     ``probe_rows`` (the function-space backtest of the window) make the choice and safe horizon function-space.
     """
     final = Path(out_dir)
-    out_dir = temp_path(final)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        sweep(final.parent)
-        remove(out_dir)
-        out_dir.mkdir()
-        _write_into(stats, observed, out_dir, scores, probe_rows)
-        trash = temp_path(final, "old")
-        if final.exists():
-            os.replace(final, trash)
-        os.replace(out_dir, final)
-        remove(trash)
+        with building(final, overwrite=overwrite, layout=REPORT_LAYOUT, what="relex report") as tmp:
+            _write_into(stats, observed, tmp, scores, probe_rows)
     except OSError as exc:
-        remove(out_dir)
         raise RelexError(f"{final}: cannot write the report ({exc.strerror or exc})") from None
-    except BaseException:
-        remove(out_dir)
-        raise
     return final / "report.md"
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse ``--out`` before any work: an existing one without ``overwrite``, and one that is not a
+    previous report (a run, a lab, a home folder ...), which a report must never replace."""
+    check_replaceable(out, overwrite, REPORT_LAYOUT, "relex report")
+
+
+def check_scores(scores: Any, path: Path) -> dict[str, dict[str, float]]:
+    """``scores`` (the parsed ``--scores`` file at ``path``) if it has the shape the accuracy plot reads,
+    else a RelexError naming the file, the shape expected and the first thing that differs."""
+    problem = _scores_problem(scores)
+    if problem:
+        raise RelexError(f"{path}: expected accuracy by step for each series, {SCORES_SHAPE}; {problem}")
+    return scores
+
+
+def _scores_problem(scores: Any) -> str | None:
+    """What keeps ``scores`` from being ``{series: {step: accuracy}}``, or None."""
+    if not isinstance(scores, dict):
+        return f"the top level is {_json_kind(scores)}"
+    for label, series in scores.items():
+        if not isinstance(series, dict):
+            return f'"{label}" is {_json_kind(series)}'
+        if not series:
+            return f'"{label}" has no steps'
+        for step, value in series.items():
+            try:
+                int(step)
+            except ValueError:
+                return f'step "{step}" of "{label}" is not an integer'
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f'the score of step {step} of "{label}" is not a finite number'
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value's kind, as a person names it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
 
 
 def _write_into(stats: dict[str, TensorStats], observed: list[int], out_dir: Path,

@@ -1,6 +1,7 @@
 """The whole lab: pre-train a base, run GRPO, extrapolate from early checkpoints, evaluate, report.
 
-Output (``out/``, written under a temporary sibling name and renamed only when complete)::
+Output (``out/``, built under a hidden temporary sibling and published only when complete, by
+``relex.tempfiles.building``; an existing output is replaced only with ``overwrite`` and only if it is a lab's)::
 
     base/                                  the pre-trained model + tokenizer (theta_0)
     run/checkpoint-N/                      every GRPO checkpoint, TRL's layout (LoRA: the adapter only)
@@ -25,6 +26,9 @@ from relex.errors import RelexError
 from relex.lab import report
 from relex.lab.profiles import LoraSettings, Profile
 from relex.lab.weights import drift, relative_weight_error
+from relex.tempfiles import building, check_replaceable, refuse_overlap
+
+LAB_LAYOUT = ("report.json", "report.md", "accuracy.png", "base", "run", "extrapolated", "heldout.jsonl")
 
 
 def quiet_libraries(quiet: bool) -> None:
@@ -46,21 +50,11 @@ def quiet_libraries(quiet: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
-@contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """A fresh hidden sibling of ``out`` to build in: renamed to ``out`` (replacing it) only when the block
-    completes, removed if it fails, so a half-written output never appears."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+def check_lab_out(out: Path, overwrite: bool, **inputs: Path | None) -> None:
+    """Refuse a lab's ``out`` before any work: one that is or holds an input, an existing one without
+    ``overwrite``, and one that is not a lab output (a run, a home folder ...), which is never replaced."""
+    refuse_overlap(out, **inputs)
+    check_replaceable(out, overwrite, LAB_LAYOUT, "relex lab")
 
 
 class _Clock:
@@ -171,8 +165,7 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
     ``threads``: torch's CPU threads (default 1; see below).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise RelexError(f"{out} exists; pass --overwrite to replace it")
+    check_lab_out(out, overwrite, base=base)
     if base is not None and not (Path(base) / "config.json").is_file():
         raise RelexError(f"--base {base}: not a model folder (no config.json)")
     quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
@@ -190,7 +183,7 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
     torch.set_num_threads(threads)
     set_seed(seed)
     clock = _Clock()
-    with building(out) as tmp:
+    with building(out, overwrite=overwrite, layout=LAB_LAYOUT, what="relex lab") as tmp:
         task = make_task(profile.task, profile.digits, profile.heldout_size)
         base_dir, run_dir = tmp / "base", tmp / "run"
         with clock.phase("pretrain"):

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 from relex.errors import RelexError
 from relex.lab import report
-from relex.lab.lab import (_Clock, building, cutoff_steps, extrapolate_and_measure, lab_methods, lab_targets,
-                           point_adapters_at, quiet_libraries)
+from relex.lab.lab import (LAB_LAYOUT, _Clock, check_lab_out, cutoff_steps, extrapolate_and_measure, lab_methods,
+                           lab_targets, point_adapters_at, quiet_libraries)
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
+from relex.tempfiles import building
 
 if TYPE_CHECKING:
     from relex.lab.tasks import Task
@@ -62,8 +63,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
                 lora: LoraSettings | None = None, threads: int = 1) -> Path:
     """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise RelexError(f"{out} exists; pass --overwrite to replace it")
+    check_lab_out(out, overwrite)
     quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -82,7 +82,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
     with clock.phase("convert"):
         theta0 = ensure_model(profile.model, quiet)
     check_disk(out, profile, _model_bytes(theta0), lora is not None)
-    with building(out) as tmp:
+    with building(out, overwrite=overwrite, layout=LAB_LAYOUT, what="relex lab") as tmp:
         base_dir, run_dir = tmp / "base", tmp / "run"
         shutil.copytree(theta0, base_dir, copy_function=_link_or_copy)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)

