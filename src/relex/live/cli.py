@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from relex.live.watcher import Watcher
+
+A_DAY = 86400.0  # seconds: the longest --poll or --settle taken (time.sleep overflows far beyond)
+
+
+def bounded(convert: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: ``convert(text)`` if it is finite and within [low, high], else one line saying ``what``."""
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+            taken = math.isfinite(value) and low <= value <= high
+        except (ValueError, OverflowError):  # not a number; an int too large for a float
+            taken = False
+        if not taken:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+        return value
+    return parse
+
+
+def fail_in_one_line(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` report bad arguments as relex reports bad input: ``relex: error: ...``, exit 2."""
+    parser.error = lambda message: parser.exit(2, f"relex: error: {message}\n")  # type: ignore[method-assign]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,13 +40,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "predictions rewritten as checkpoints arrive")
     w.add_argument("--base", required=True, type=Path, help="base model folder (theta_0)")
     w.add_argument("--run", required=True, type=Path, help="run folder the trainer writes checkpoints to")
-    w.add_argument("--target", type=int, action="append", default=[], help="step to predict (repeatable; needs --out)")
+    w.add_argument("--target", type=bounded(int, 1, math.inf, "a step: a whole number, at least 1"),
+                   action="append", default=[], help="step to predict (repeatable; needs --out)")
     w.add_argument("--out", type=Path, help="folder for step-T/ predictions and watch.json (the latest status)")
-    w.add_argument("--every", type=int, default=1, help="rewrite the predictions every N new checkpoints (default 1)")
-    w.add_argument("--window", type=int,
+    w.add_argument("--every", type=bounded(int, 1, math.inf, "a whole number of checkpoints, at least 1"), default=1,
+                   help="rewrite the predictions every N new checkpoints (default 1)")
+    w.add_argument("--window", type=bounded(int, 2, math.inf, "a whole number of checkpoints, at least 2 (a line)"),
                    help="use only the latest N checkpoints (default all; each new one re-reads the window's others)")
-    w.add_argument("--poll", type=float, default=5.0, help="seconds between looks at the run folder (default 5)")
-    w.add_argument("--settle", type=float, default=30.0,
+    w.add_argument("--poll", type=bounded(float, 0.01, A_DAY, f"seconds from 0.01 to {A_DAY:g}"), default=5.0,
+                   help="seconds between looks at the run folder (default 5)")
+    w.add_argument("--settle", type=bounded(float, 0.0, A_DAY, f"seconds from 0 to {A_DAY:g}"), default=30.0,
                    help="seconds a checkpoint without a completion marker (trainer_state.json) must stay unchanged "
                         "before it is read (default 30)")
     w.add_argument("--once", action="store_true", help="take the checkpoints complete now, write, and exit")
@@ -38,12 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("-q", "--quiet", action="store_true", help="no live line or warnings")
     w.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     w.set_defaults(func=cmd_watch)
+    fail_in_one_line(w)
 
 
 def live_line(watcher: Watcher) -> str:
     """One line: the newest step, the window, the median diagnostics against a random walk, the safe horizon."""
-    from relex.analysis.backtest import MIN_PREFIX
-
     s = watcher.status or {}
     if not s.get("window"):
         return f"watching {watcher.run}: no complete checkpoint yet"
@@ -57,7 +81,7 @@ def live_line(watcher: Watcher) -> str:
         parts.append(f"path eff {med['path_efficiency']:.2f} (walk {walk['path_efficiency']:.2f})")
         parts.append(f"growth t^{s['growth_exponent']:.2f}")
         horizon = s["safe_horizon"]
-        parts.append(f"safe: backtest needs {2 * MIN_PREFIX} ckpts" if horizon is None
+        parts.append("safe: too few ckpts to backtest" if horizon is None
                      else f"safe {horizon:g}x (step {s['safe_step']})")
     if watcher.written:
         parts.append("wrote " + ", ".join(p.name for p in watcher.written))
