@@ -41,7 +41,7 @@ from relex.jsonout import dumps_strict
 from relex.materialize import compute_stats, extrapolate
 from relex.methods import Relex
 from relex.stats import StatsCache, TensorStats, default_cache_dir
-from relex.tempfiles import refuse_overlap, remove, sweep, temp_path
+from relex.tempfiles import building, refuse_overlap
 from relex.trajectory import Checkpoint, TensorSpec, Trajectory
 from relex.trajectory.discover import RELEX_OUTPUT_MARKER, model_folder, step_folders
 from relex.trajectory.reader import file_fingerprint
@@ -207,21 +207,13 @@ class Watcher:
         if self.out is None or self.status is None:
             return
         path = self.out / STATUS_FILE
-        tmp = temp_path(path)
         text = dumps_strict({"run": str(self.run.resolve()), **self.status}, indent=2) + "\n"
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            sweep(self.out)
-            remove(tmp)
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise RelexError(f"{path}: cannot write ({exc.strerror or exc})") from None
-            raise
+            with building(path, overwrite=True, folder=False) as tmp:
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as file:
+                    file.write(text)
+        except OSError as exc:
+            raise RelexError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     # -- finding complete checkpoints ------------------------------------------------------------
     def _trajectory(self, checkpoints: list[Checkpoint]) -> Trajectory:
