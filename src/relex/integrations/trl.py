@@ -14,13 +14,15 @@ counter, the checkpoint names and the learning-rate schedule move to STEP, so th
 were (``optimizer="keep"``: Adam's m and v describe the gradients of the pre-jump model) or cleared
 (``optimizer="reset"``: Adam restarts, bias correction included, on the first post-jump step). After a
 jump the trajectory is no longer one run, so the callback stops watching.
+
+A monitoring callback never stops the training it watches: a failure of its own work after the
+arguments are checked (``out`` unwritable, disk full, a checkpoint it cannot read) is warned about
+once, and training goes on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 
 from relex.errors import RelexError
 from relex.live.watcher import Watcher
-from relex.tempfiles import remove, temp_path
+from relex.tempfiles import building, refuse_overlap
 from relex.trajectory.reader import weight_files
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class RelexCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self.history: list[dict] = []  # (step, metrics) of every status logged
         self.jumped: dict | None = None
+        self.failed = False  # a failure of the callback's own work was warned about
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.jump_to is not None and args.world_size > 1:
@@ -91,36 +94,52 @@ class RelexCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         out = Path(self.out) if self.out is not None else Path(args.output_dir) / "relex"
-        base = Path(self.base) if self.base is not None else self._save_base(model, processing_class, out / "base",
-                                                                            state.global_step)
-        self.watcher = Watcher(base, args.output_dir, self.targets, out, every=self.every, settle=0.0,
-                               window=self.window, **self.options)
         self.trainer = _calling_trainer()
+        try:
+            base = Path(self.base) if self.base is not None else self._save_base(
+                model, processing_class, out / "base", Path(args.output_dir), state.global_step)
+            self.watcher = Watcher(base, args.output_dir, self.targets, out, every=self.every, settle=0.0,
+                                   window=self.window, **self.options)
+        except RelexError:  # the arguments do not fit this run: said before training starts
+            raise
+        except Exception as exc:
+            self._carry_on(exc)
 
-    def _save_base(self, model, processing_class, folder: Path, step: int) -> Path:
+    def _save_base(self, model, processing_class, folder: Path, run: Path, step: int) -> Path:
         """The model as training begins, saved (atomically) as the trajectory's base."""
+        refuse_overlap(folder, run=run)
         if step > 0:
             raise RelexError(f"training resumed at step {step}: pass RelexCallback(base=...) the model it started from")
         if hasattr(model, "peft_config"):
             raise RelexError("a PEFT model: pass RelexCallback(base=...) the base model folder")
         if folder.exists() and not self.options["overwrite"]:
             raise RelexError(f"{folder}: output exists; pass RelexCallback(overwrite=True) to replace it")
-        tmp = temp_path(folder)
-        try:
+        with building(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             if processing_class is not None:
                 processing_class.save_pretrained(tmp)
-            remove(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                remove(tmp)
-            raise
         return folder
+
+    def _carry_on(self, exc: Exception) -> None:
+        """Warn about a failure of the callback's own work, the first time only; training goes on either way."""
+        if not self.failed:
+            log.warning("relex: %s; training goes on (this warning is shown once)", exc)
+        else:
+            log.debug("relex: %s", exc)
+        self.failed = True
 
     def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if self.watcher is None:
             return
+        try:
+            self._take_checkpoint(state)
+            if self.jump_to is not None and self.jumped is None and self._jump_due(state.global_step):
+                self._jump(state, model, optimizer, lr_scheduler)
+        except Exception as exc:  # a monitoring callback never stops the training it watches
+            self._carry_on(exc)
+
+    def _take_checkpoint(self, state) -> None:
+        """Take the checkpoint just saved and log the new status through the trainer's loggers."""
         if self.watcher.poll() and self.watcher.status is not None:
             metrics = metrics_of(self.watcher.status)
             self.history.append({"step": state.global_step, **metrics})
@@ -128,8 +147,6 @@ class RelexCallback(TrainerCallback):
                 Trainer.log(self.trainer, dict(metrics))  # Trainer's own: leaves TRL's accumulated metrics alone
             else:
                 log.info("relex at step %d: %s", state.global_step, metrics)
-        if self.jump_to is not None and self.jumped is None and self._jump_due(state.global_step):
-            self._jump(state, model, optimizer, lr_scheduler)
 
     def _jump_due(self, step: int) -> bool:
         if step >= self.jump_to:
@@ -140,18 +157,21 @@ class RelexCallback(TrainerCallback):
         return safe is not None and safe >= self.jump_to
 
     def _jump(self, state, model, optimizer, lr_scheduler) -> None:
-        """Load the prediction at ``jump_to`` into the model in place and move the run's step to it."""
+        """Load the prediction at ``jump_to`` into the model in place and move the run's step to it; whatever
+        can fail (writing, reading, matching the model) comes before the model is touched."""
         folder = self.watcher.write([self.jump_to])[0]
         weights: dict[str, torch.Tensor] = {}
         for file in weight_files(folder):
             weights.update(load_file(str(file)))
         model = getattr(model, "module", model)
+        expected = set(model.state_dict())
+        missing = {k for k in expected - weights.keys() if not k.endswith("lm_head.weight")}  # tied to the embedding
+        unexpected = sorted(weights.keys() - expected)
+        if missing or unexpected:
+            raise RelexError(f"{folder}: does not match the model being trained (missing {sorted(missing)[:3]}, "
+                             f"unexpected {unexpected[:3]})")
         with torch.no_grad():
-            result = model.load_state_dict(weights, strict=False)  # copies into the parameters: the optimizer's stay
-        tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
-        if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise RelexError(f"{folder}: does not match the model being trained (missing "
-                             f"{sorted(set(result.missing_keys) - tied)[:3]}, unexpected {result.unexpected_keys[:3]})")
+            model.load_state_dict(weights, strict=False)  # copies into the parameters: the optimizer's stay
         if self.optimizer == "reset" and optimizer is not None:
             for group in optimizer.param_groups:
                 for param in group["params"]:
