@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from conftest import drift_run, save_pico_model
