@@ -145,7 +145,7 @@ def test_ci_lab_end_to_end(ci_lab: Path) -> None:
     report = json.loads((ci_lab / "report.json").read_text())
     assert (ci_lab / "report.md").read_text().startswith("# relex lab")
     assert (ci_lab / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(ci_lab.parent.glob(".ci.tmp-*"))
+    assert not list(ci_lab.parent.glob(".ci.relex-*"))
 
     last = report["T"]
     steps = sorted(int(p.name.split("-")[1]) for p in (ci_lab / "run").glob("checkpoint-*"))
@@ -242,7 +242,7 @@ def _check_predict_extend(out: Path, lab: Path, window: int, horizon: int, round
     from relex.trajectory.peft import is_adapter_folder
 
     doc = json.loads((out / "report.json").read_text())
-    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert not list(out.parent.glob(f".{out.name}.relex-*"))
     assert [r["real_steps"] for r in doc["results"]] == [window * r for r in range(1, rounds + 1)]
     assert [r["effective_step"] for r in doc["results"]] == [(window + horizon) * r for r in range(1, rounds + 1)]
     assert len({r["seed"] for r in doc["results"]}) == rounds  # a new data seed every round
