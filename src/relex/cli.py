@@ -9,18 +9,39 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from relex.errors import RelexError
+from relex.units import parse_size
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 log = logging.getLogger("relex")
+
+MAX_STEP = 10**15  # below 2**53: every step, and every difference of two, is exact in float64
+THREADS_PER_CORE = 4  # more torch threads than this per core only slow down (and 100000 crash OpenMP)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as relex reports bad input: one line and exit 2, not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"relex: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+def _size(text: str) -> str:
+    """argparse type of a byte size (``2GB``): checked here, kept as written for the messages that quote it."""
+    try:
+        parse_size(text)
+    except RelexError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _add_io(p: argparse.ArgumentParser) -> None:
@@ -29,7 +50,7 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="STEP=PATH",
                    help="name a checkpoint explicitly (repeatable; replaces --run discovery)")
     p.add_argument("--cutoff", type=int, help="last observed step (default: all checkpoints)")
-    p.add_argument("--memory-budget", default="2GB", help="bound on the process's own memory (default 2GB)")
+    p.add_argument("--memory-budget", default="2GB", type=_size, help="bound on the process's own memory (default 2GB)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's, one per core); 1 keeps a shared machine responsive")
@@ -86,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     from relex import __version__
     from relex.methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="relex", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="relex", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"relex {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -103,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     for method in METHODS.values():
         method.add_arguments(ex)
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: input's)")
-    ex.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    ex.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     ex.add_argument("--auto", action="store_true",
                     help="choose trend, window offset and rank by backtest; refuse targets beyond its safe horizon")
@@ -414,6 +435,9 @@ def _set_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise RelexError(f"--threads {threads} must be >= 1")
+    most = THREADS_PER_CORE * (os.cpu_count() or 1)
+    if threads > most:
+        raise RelexError(f"--threads {threads} is more than {THREADS_PER_CORE} per core: at most {most} here")
     import torch
 
     torch.set_num_threads(threads)

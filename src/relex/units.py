@@ -6,6 +6,7 @@ from relex.errors import RelexError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MAX_SIZE = 10**18  # 1 EB: far above any memory or shard, far below where a float loses the bytes
 
 
 def parse_size(text: str | int) -> int:
@@ -15,7 +16,10 @@ def parse_size(text: str | int) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
         raise RelexError(f"cannot read size {text!r}: use e.g. 256MB, 2GB or 5GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if not size <= MAX_SIZE:
+        raise RelexError(f"size {text[:40]!r}{'...' if len(text) > 40 else ''} is above 1EB, the largest relex takes")
+    return int(size)
 
 
 def format_size(n: float) -> str:
