@@ -185,9 +185,18 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _trajectory(args: argparse.Namespace):
+    """The run's trajectory, its steps (folder names or STEP=PATH) and any --target checked against MAX_STEP."""
     from relex.trajectory import Trajectory
 
-    return Trajectory.discover(args.base, args.run, args.checkpoint or None, allow_pickle=args.allow_pickle)
+    trajectory = Trajectory.discover(args.base, args.run, args.checkpoint or None, allow_pickle=args.allow_pickle)
+    for checkpoint in trajectory.checkpoints:
+        if checkpoint.step > MAX_STEP:
+            raise RelexError(f"{checkpoint.path}: step {checkpoint.step} is above 10**15, the largest step relex "
+                             "fits exactly")
+    for target in getattr(args, "target", []):
+        if target > MAX_STEP:
+            raise RelexError(f"--target {target} is above 10**15, the largest step relex fits exactly")
+    return trajectory
 
 
 def _engine_options(args: argparse.Namespace) -> dict:

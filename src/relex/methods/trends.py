@@ -3,6 +3,8 @@
 ``linear`` is the paper's choice. ``quadratic`` and ``power`` (c = a t^p + b, p on a grid) are the
 alternatives a backtest can choose between when a run's deltas grow sub- or super-linearly. ``mlp`` is
 the paper's "more complicated function" ablation: a small tanh network fit to (t, c), deterministic.
+``linear`` and ``quadratic`` take the steps relative to the first (exact up to the CLI's 10**15); ``power``
+and ``mlp`` scale them by the last, which leaves steps that large indistinguishable.
 """
 
 from __future__ import annotations
@@ -12,23 +14,23 @@ from typing import Callable
 import numpy as np
 
 from relex.errors import RelexError
-from relex.methods.fitting import fit_line
+from relex.methods.fitting import fit_line, line
 
 Trend = Callable[[np.ndarray], np.ndarray]
 POWER_GRID = np.round(np.arange(0.1, 2.01, 0.05), 2)
 
 
 def _linear(t: np.ndarray, y: np.ndarray) -> Trend:
-    a, b = fit_line(t, y)
-    return lambda x: a * np.asarray(x, dtype=np.float64) + b
+    return line(t, y)
 
 
 def _quadratic(t: np.ndarray, y: np.ndarray) -> Trend:
+    """c = a s^2 + b s + d in s = (t - t_first) / span: the same parabola as in t, well conditioned at any step."""
     if len(t) < 3:
         return _linear(t, y)
-    scale = t.max()
-    coef = np.polyfit(t / scale, y, 2)
-    return lambda x: np.polyval(coef, np.asarray(x, dtype=np.float64) / scale)
+    origin, span = t[0], float(np.ptp(t)) or 1.0
+    coef = np.polyfit((t - origin) / span, y, 2)
+    return lambda x: np.polyval(coef, (np.asarray(x, dtype=np.float64) - origin) / span)
 
 
 def _power(t: np.ndarray, y: np.ndarray) -> Trend:
