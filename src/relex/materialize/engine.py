@@ -129,6 +129,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
     ray = _ray_executor(executor, method, device, ray_address)
     materialize = ray.materialize if ray else materialize_locally
     _warn_if_inside_run(out_dir, trajectory)
+    _warn_if_buffers_moved(stream, specs)
     created_root = not out_dir.exists()
     writers: list[ModelFolderWriter] = []
     stats = {}
@@ -187,6 +188,20 @@ def _warn_if_inside_run(out_dir: Path, trajectory: Trajectory) -> None:
     if trajectory.run is not None and out_dir.resolve().is_relative_to(trajectory.run.resolve()):
         log.warning("--out %s is inside the run folder %s: relex skips its own outputs there, but other tools "
                     "may take them for training checkpoints", out_dir, trajectory.run)
+
+
+def _warn_if_buffers_moved(stream: DeltaStream, specs: dict[str, TensorSpec]) -> None:
+    """Integer and bool tensors are written with the base's values: name those the last observed checkpoint holds
+    otherwise, in one warning (compared a row block at a time; an adapter checkpoint moves none)."""
+    last = stream.readers[-1]
+    if not last.stores_weights:
+        return
+    moved = [name for name, spec in specs.items() if not spec.dtype.is_floating_point and spec.numel and any(
+        not torch.equal(stream.base.read(name, r0, r1), last.read(name, r0, r1)) for r0, r1 in stream.blocks(spec))]
+    if moved:
+        log.warning("%d integer or bool tensor(s) differ between the base and step %d and are written with the "
+                    "base's values (relex extrapolates floating-point tensors only): %s%s", len(moved),
+                    stream.trajectory.steps[-1], ", ".join(moved[:5]), ", ..." if len(moved) > 5 else "")
 
 
 def _write(writer: ModelFolderWriter, name: str, values: torch.Tensor, target: int) -> None:
