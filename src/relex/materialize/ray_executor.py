@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
+import socket
 import threading
 import uuid
 import warnings
@@ -34,6 +36,7 @@ from relex.writer import ModelFolderWriter
 
 INSTALL_HINT = "pip install 'relex[ray]'"
 TASKS_PER_CPU = 2  # tasks queued per CPU of the cluster, so a CPU that finishes finds the next block waiting
+PROBE_SECONDS = 3.0  # a cluster's head answers a TCP connect at once; ray.init retried a dead one for 823 s
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class RayExecutor:
             raise RelexError(f"--executor ray computes on the Ray cluster's CPUs: drop --device {device}")
         self.ray = ray
         self.address = address
+        if not ray.is_initialized():
+            _probe(address)
 
     def statistics(self, stream: DeltaStream, specs: dict[str, TensorSpec]) -> Iterator[tuple[str, TensorStats]]:
         """Every tensor's Gram statistics (one task per row block, summed here in block order), in ``specs``' order."""
@@ -168,6 +173,22 @@ class RayExecutor:
             if handler is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, handler)
         return True
+
+
+def _probe(address: str | None) -> None:
+    """Refuse a HOST:PORT address (given, or RAY_ADDRESS's for none or ``auto``; ``ray://`` too) that no TCP connect
+    reaches within PROBE_SECONDS, before ray.init retries it for minutes behind pages of logs. ``auto`` without
+    RAY_ADDRESS and ``local`` are Ray's to resolve: it refuses those at once when it finds no cluster."""
+    text = os.environ.get("RAY_ADDRESS") if address in (None, "auto") else address
+    host, colon, port = (text or "").removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except (OSError, OverflowError) as exc:  # refused, unreachable, timed out, unknown host; a port above 65535
+        flag = f"--ray-address {address}" if text == address else f"RAY_ADDRESS {text}"
+        raise RelexError(f"{flag}: nothing answers at {host}:{port} ({getattr(exc, 'strerror', None) or exc}); "
+                         "is the cluster up (`ray status` on its head node)?") from None
 
 
 class _Tasks:
