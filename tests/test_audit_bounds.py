@@ -193,6 +193,7 @@ def test_a_target_folder_that_is_a_checkpoint_is_refused(pico, tmp_path, capsys)
 def test_a_target_folder_that_holds_the_base_is_refused(pico, tmp_path, capsys):
     _, run, _ = pico
     base = save_pico_model(tmp_path / "out" / "step-40")
+    capsys.readouterr()  # save_pretrained's progress bar
     err = refused(capsys, *extrapolate_args(base, run, tmp_path / "out", "--target", 40, "--overwrite"))
     assert "--base" in err and (base / "model.safetensors").is_file()
 

@@ -199,6 +199,30 @@ def _trajectory(args: argparse.Namespace):
     return trajectory
 
 
+def _refuse_replacing_inputs(outputs: list[Path], args: argparse.Namespace, trajectory) -> None:
+    """Refuse, before anything is touched, an output folder replaced whole that is, or holds, the run, the base,
+    a checkpoint or a file the command reads (``--probe``, ``--scores``)."""
+    from relex.tempfiles import refuse_overlap
+
+    for out in outputs:
+        refuse_overlap(out, run=args.run, base=args.base, probe=args.probe, scores=getattr(args, "scores", None))
+        for checkpoint in trajectory.checkpoints:
+            refuse_overlap(out, checkpoint=checkpoint.path)
+
+
+def _refuse_writing_over_inputs(flag: str, path: Path | None, args: argparse.Namespace, trajectory) -> None:
+    """Refuse an output file (``--json``, ``--plot``) inside a model folder the command reads, or that is the run
+    folder or the ``--probe`` file: it would overwrite, or join, what is read."""
+    if path is None:
+        return
+    target = path.resolve()
+    models = [args.base, *(c.path for c in trajectory.checkpoints)]
+    if (any(target.is_relative_to(m.resolve()) for m in models)
+            or target in {p.resolve() for p in (args.run, args.probe) if p is not None}):
+        raise RelexError(f"{flag} {path}: would write into what this command reads (a model folder, the run folder "
+                         "or the --probe file); write it elsewhere")
+
+
 def _engine_options(args: argparse.Namespace) -> dict:
     return {"memory_budget": args.memory_budget, "device": args.device,
             "cache": False if args.no_cache else args.cache, "progress": not args.quiet,
@@ -212,6 +236,10 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     run_info = {"run": str(args.run.resolve()) if args.run else None}
     if args.probe and not args.auto:
         raise RelexError("--probe judges --auto's choice: pass --auto with it")
+    trajectory = _trajectory(args)
+    planned = args.target or ([s for s in trajectory.steps if args.cutoff is None or s <= args.cutoff]
+                              if args.reconstruct else [])
+    _refuse_replacing_inputs([args.out / f"step-{t}" for t in planned], args, trajectory)
     if args.auto:
         from relex.analysis.auto import auto_method
         from relex.analysis.backtest import backtest
@@ -219,7 +247,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
 
         if not args.target:
             raise RelexError("--auto needs at least one --target")
-        observed = _trajectory(args).observed(args.cutoff)
+        observed = trajectory.observed(args.cutoff)
         stats = compute_stats(observed, **_engine_options(args))
         rows = backtest(stats)
         method, targets, run_info["auto"] = auto_method(stats, args.target, args.cutoff, max_error=args.max_error,
@@ -231,7 +259,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     else:
         name = "reconstruct" if args.reconstruct else args.method
         METHODS[name].warn_ignored(args)
-        method = METHODS[name].from_args(args).fit(_trajectory(args), progress=not args.quiet,
+        method = METHODS[name].from_args(args).fit(trajectory, progress=not args.quiet,
                                                    memory_budget=args.memory_budget)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
@@ -258,6 +286,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from relex.materialize import compute_stats
 
     traj = _trajectory(args)
+    _refuse_writing_over_inputs("--json", args.json, args, traj)
     observed = traj.observed(args.cutoff)
     later = [s for s in traj.steps if s > observed.steps[-1]] if args.compare else []
     stats = compute_stats(traj.observed(None) if later else observed, **_engine_options(args))
@@ -274,7 +303,10 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     from relex.analysis.backtest import backtest, safe_horizon
     from relex.materialize import compute_stats
 
-    observed = _trajectory(args).observed(args.cutoff)
+    trajectory = _trajectory(args)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        _refuse_writing_over_inputs(flag, path, args, trajectory)
+    observed = trajectory.observed(args.cutoff)
     options = _engine_options(args)
     stats = compute_stats(observed, **options)
     rows = backtest(stats)
@@ -321,8 +353,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from relex.materialize import compute_stats
     from relex.writer import check_output_free
 
-    check_output_free(args.out, args.overwrite)
     traj = _trajectory(args)
+    _refuse_replacing_inputs([args.out], args, traj)
+    check_output_free(args.out, args.overwrite)
     observed = traj.observed(args.cutoff)
     stats = compute_stats(traj.observed(None), **_engine_options(args))
     scores = _read_json(args.scores) if args.scores else None
