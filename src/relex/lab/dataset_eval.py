@@ -131,7 +131,8 @@ def context_length(model_dir: Path, adapter_base: Path | None) -> int | None:
 
 
 def check_weight_files(folder: Path) -> None:
-    """Refuse a truncated or corrupt ``.safetensors`` file of a model folder, naming it, before transformers meets it."""
+    """Refuse a truncated or corrupt ``.safetensors`` file of a model folder, naming it, before transformers loads it
+    (its error names neither file nor folder)."""
     for file in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt"):  # safetensors' own check of the header and the file's size
