@@ -246,3 +246,14 @@ def test_scores_of_the_wrong_shape_are_one_line(case):
                                  '{"real": {"STEP": accuracy, ...}, ...}; ' + problem)
     good = {"real": {"2": 0.1, "8": 0.25}, "relex": {"16": 0.5}}
     assert check_scores(good, Path("scores.json")) is good
+
+
+def test_report_refuses_scores_of_the_wrong_shape_before_any_work(run_files, tmp_path, capsys):
+    base, run = run_files
+    bad = tmp_path / "scores.json"
+    bad.write_text(json.dumps({"10": 0.5}))
+    code = main(["report", "--base", str(base), "--run", str(run), "--out", str(tmp_path / "rep"), "--scores", str(bad),
+                 "--no-cache", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "scores.json: expected accuracy by step" in err
+    assert not (tmp_path / "rep").exists()

@@ -349,17 +349,17 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from relex.analysis.report import write_report
+    from relex.analysis.report import check_out, check_scores, write_report
     from relex.materialize import compute_stats
-    from relex.writer import check_output_free
 
     traj = _trajectory(args)
     _refuse_replacing_inputs([args.out], args, traj)
-    check_output_free(args.out, args.overwrite)
+    check_out(args.out, args.overwrite)
+    scores = check_scores(_read_json(args.scores), args.scores) if args.scores else None
     observed = traj.observed(args.cutoff)
     stats = compute_stats(traj.observed(None), **_engine_options(args))
-    scores = _read_json(args.scores) if args.scores else None
-    path = write_report(stats, observed.steps, args.out, scores, _window_probe(args, observed, stats))
+    path = write_report(stats, observed.steps, args.out, scores, _window_probe(args, observed, stats),
+                        overwrite=args.overwrite)
     if not args.quiet:
         print(path)
     return 0
