@@ -112,7 +112,9 @@ def answer_run(tmp_path, gain: bool, steps=(1, 2, 3, 4), n=80):
     u = hidden.mean(0) / hidden.mean(0).norm()
     reach = hidden @ u
     gap = logits.max(-1).values - logits[:, SEVEN]
-    keep = [i for i in range(len(prompts)) if reach[i] > 0.05 and gap[i] > 0 and logits[i].argmax() != SEVEN][:n]
+    greedy = [tok.decode([int(k)]) for k in logits.argmax(-1)]  # a special or blank token is no answer to grade
+    keep = [i for i in range(len(prompts)) if reach[i] > 0.05 and gap[i] > 0 and logits[i].argmax() != SEVEN
+            and logits[i].argmax() >= 2 and greedy[i].strip()][:n]
     ratio = (gap[keep] / reach[keep]).double()
     rate = float(ratio.quantile(0.2)) / steps[-1]  # logit shift per step and unit reach: ~20% flip at the cutoff
     target = int(np.ceil(float(ratio.quantile(0.95)) / rate))
@@ -125,7 +127,7 @@ def answer_run(tmp_path, gain: bool, steps=(1, 2, 3, 4), n=80):
         folder = tmp_path / "run" / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    answers = ["7" if gain else tok.decode([int(logits[i].argmax())]) for i in keep]
+    answers = ["7" if gain else greedy[i] for i in keep]
     data = tmp_path / "verify.jsonl"
     data.write_text("".join(json.dumps({"prompt": prompts[i], "answer": a}) + "\n" for i, a in zip(keep, answers)))
     return base, tmp_path / "run", data, target
@@ -163,3 +165,78 @@ def test_a_run_that_collapses_publishes_nothing(tmp_path):
     verdict, _ = scored_verdict(tmp_path, gain=False)
     assert not verdict.published, verdict.summary()
     assert verdict.pick_confirmation <= verdict.incumbent_confirmation
+
+
+def verify_cli(base, run, data, out, *extra):
+    from relex.cli import main
+
+    return main(["extrapolate", "--base", str(base), "--run", str(run), "--out", str(out), "--no-cache", "-q",
+                 "--verify", str(data), "--max-new-tokens", "1", "--grader", "test_verify:exact_match", *extra])
+
+
+def test_cli_verify_publishes_only_the_pick_with_its_record(tmp_path, capsys):
+    import json
+
+    base, run, data, target = answer_run(tmp_path, gain=True)
+    out = tmp_path / "out"
+    assert verify_cli(base, run, data, out, "--target", "8", "--target", str(target),
+                      "--verify-json", str(tmp_path / "v.json")) == 0
+    [folder] = [p for p in out.iterdir()]
+    meta = json.loads((folder / "relex.json").read_text())
+    record = json.loads((folder / "verify.json").read_text())
+    assert record == json.loads((tmp_path / "v.json").read_text()) == meta["verify"]
+    assert folder.name == f"step-{record['decision']['target']}" and record["decision"]["published"]
+    assert meta["params"]["shrink"] == record["decision"]["shrink"]
+    assert len(record["candidates"]) == 8 and (folder / "verify.png").stat().st_size > 0
+
+
+def test_cli_verify_of_a_collapsing_run_writes_nothing_and_exits_3(tmp_path, capsys):
+    import json
+
+    base, run, data, target = answer_run(tmp_path, gain=False)
+    out = tmp_path / "out"
+    code = verify_cli(base, run, data, out, "--target", str(target), "--shrink", "1", "--shrink", "0.5",
+                      "--verify-json", str(tmp_path / "v.json"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and err[-1].startswith("relex: not verified: ") and err[-1].endswith("nothing written")
+    assert not out.exists() and not list(tmp_path.glob(".*relex-tmp*"))
+    assert not json.loads((tmp_path / "v.json").read_text())["decision"]["published"]
+
+
+def test_shrink_writes_the_prediction_moved_towards_the_base(pico, tmp_path):
+    from conftest import predicted_deltas
+    from relex.cli import main
+
+    base, run, _ = pico
+    for shrink in ("1", "0.25"):
+        assert main(["extrapolate", "--base", str(base), "--run", str(run), "--target", "40", "--no-cache", "-q",
+                     "--out", str(tmp_path / shrink), "--shrink", shrink]) == 0
+    full, quarter = (predicted_deltas(tmp_path / s / "step-40", base) for s in ("1", "0.25"))
+    for name in full:  # fp32 outputs: one rounding of W_0 + lambda delta, so within fp32 ulps of W_0 + delta/4
+        scale = np.abs(full[name]).max() + 1e-30
+        assert np.abs(quarter[name] - 0.25 * full[name]).max() <= 1e-6 * max(scale, 1.0)
+
+
+def test_first_update_scaling_is_two_point_from_one_checkpoint(pico, tmp_path):
+    from conftest import predicted_deltas
+    from relex.cli import main
+
+    base, run, ckpts = pico
+    assert main(["extrapolate", "--base", str(base), "--run", str(run), "--method", "two-point", "--cutoff", "2",
+                 "--target", "6", "--no-cache", "-q", "--out", str(tmp_path / "o")]) == 0
+    got = predicted_deltas(tmp_path / "o" / "step-6", base)
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(base / "model.safetensors"))
+    for name, delta in got.items():  # W_0 + 3 (W_2 - W_0)
+        ref = 3 * (ckpts[2][name].double() - w0[name].double()).numpy()
+        assert np.abs(delta - ref).max() <= 1e-6 * max(np.abs(ref).max(), 1.0)
+
+
+def test_several_shrinks_without_verify_are_refused(pico, tmp_path, capsys):
+    from relex.cli import main
+
+    base, run, _ = pico
+    assert main(["extrapolate", "--base", str(base), "--run", str(run), "--target", "40", "--no-cache", "-q",
+                 "--out", str(tmp_path / "o"), "--shrink", "0.5", "--shrink", "1"]) == 2
+    assert "need --verify" in capsys.readouterr().err

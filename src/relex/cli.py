@@ -98,6 +98,27 @@ def _window_probe(args: argparse.Namespace, observed, stats: dict) -> list[dict]
     return _probe_rows(args, observed, window, backtest(window))
 
 
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    from relex.verify import DEFAULT_MARGIN, NOT_VERIFIED
+
+    g = p.add_argument_group("verified extrapolation", f"score every --target x --shrink against the cutoff "
+                             f"checkpoint on your problems; write the best only if it beats stopping on a held-apart "
+                             f"part (else write nothing and exit {NOT_VERIFIED}); docs/trust.md")
+    g.add_argument("--verify", type=Path, metavar="FILE.jsonl",
+                   help="verifiable problems, lines {\"prompt\", \"answer\"} as `relex eval --dataset` reads them")
+    g.add_argument("--verify-margin", type=float, default=DEFAULT_MARGIN,
+                   help="paired standard errors by which the pick must beat stopping on the confirmation part "
+                        "(default %(default)s)")
+    g.add_argument("--verify-share", type=float, default=0.5,
+                   help="share of the problems kept apart to confirm the pick (default %(default)s)")
+    g.add_argument("--verify-seed", type=int, default=0, help="seed of the one split (default %(default)s)")
+    g.add_argument("--verify-json", type=Path, metavar="FILE", help="also write the verdict here, published or not")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per answer (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="problems decoded together (default %(default)s)")
+    g.add_argument("--grader", metavar="MODULE:FUNCTION",
+                   help="grade with your function (completion, answer) -> bool instead of math-verify's")
+
+
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -132,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--auto: largest backtest relative error counted as safe (default 0.5)")
     ex.add_argument("--clip", action="store_true", help="--auto: clip targets to the safe horizon instead of refusing")
     ex.add_argument("--force", action="store_true", help="--auto: write targets beyond the safe horizon anyway")
+    ex.add_argument("--shrink", type=float, action="append", metavar="LAMBDA",
+                    help="write W_0 + LAMBDA (W_pred - W_0), the prediction moved towards the base (default 1); "
+                         "with --verify, repeatable: the grid to choose from (default 0.25 0.5 0.75 1)")
     _add_probe(ex)
+    _add_verify(ex)
     ex.set_defaults(func=cmd_extrapolate)
 
     bt = sub.add_parser("backtest", help="fit on prefixes of the window, score predictions of its last checkpoint")
@@ -240,6 +265,12 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     planned = args.target or ([s for s in trajectory.steps if args.cutoff is None or s <= args.cutoff]
                               if args.reconstruct else [])
     _refuse_replacing_inputs([args.out / f"step-{t}" for t in planned], args, trajectory)
+    shrinks = args.shrink or ([1.0] if args.verify is None else None)
+    if args.verify is None and len(shrinks) > 1:
+        raise RelexError("several --shrink values need --verify to choose among them")
+    if args.verify is not None and args.reconstruct:
+        raise RelexError("--verify chooses among predictions; --reconstruct writes the observed checkpoints")
+    args.shrink = shrinks[0] if args.verify is None else 1.0
     if args.auto:
         from relex.analysis.auto import auto_method
         from relex.analysis.backtest import backtest
@@ -254,6 +285,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
                                                          force=args.force, clip=args.clip, rows=rows,
                                                          probe_rows=_probe_rows(args, observed, stats, rows))
         log.info("--auto chose %s: %s", run_info["auto"]["chosen"], run_info["auto"]["reason"])
+        method.shrink = args.shrink
         method.fit(observed, progress=not args.quiet)
         options = {"stats": stats}  # the backtest's statistics: no second Gram pass
     else:
@@ -263,6 +295,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
                                                    memory_budget=args.memory_budget)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
+    if args.verify is not None:
+        return _verified(args, method, targets, shrinks, run_info, options.get("stats"))
     folders = extrapolate(method, args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                           dtype=args.dtype, **_engine_options(args), run_info=run_info, **options)
     if not args.quiet:
@@ -270,6 +304,27 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
             print(folder)
         if folders and not args.reconstruct:
             _hint_check(method.trajectory_.checkpoints[-1].path, folders[0])
+    return 0
+
+
+def _verified(args: argparse.Namespace, method, targets: list[int], shrinks: list[float] | None, run_info: dict,
+              stats: dict | None) -> int:
+    """--verify: race the candidates, print their table, write the pick only if confirmed (else exit 3)."""
+    from relex.verify import DEFAULT_SHRINKS, NOT_VERIFIED, VerifyOptions, verdict_table, verified_extrapolate
+
+    options = VerifyOptions(args.verify, shrinks or DEFAULT_SHRINKS, args.verify_margin, args.verify_seed,
+                            args.verify_share, args.max_new_tokens, args.batch_size, args.grader, args.verify_json)
+    engine = {k: v for k, v in _engine_options(args).items() if k != "progress"}
+    verdict, folders = verified_extrapolate(method, targets, args.out, options, engine=engine, stats=stats,
+                                            progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype,
+                                            max_shard_size=args.max_shard_size, run_info=run_info)
+    if not args.quiet:
+        _console().print(verdict_table(verdict))
+        for folder in folders:
+            print(folder)
+    if not verdict.published:
+        print(f"relex: not verified: {verdict.summary()}; nothing written", file=sys.stderr)
+        return NOT_VERIFIED
     return 0
 
 

@@ -295,10 +295,11 @@ class VerifyOptions:
 
 
 def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path, options: VerifyOptions, *,
-                         engine: dict, progress: bool = True, **write) -> tuple[Verdict, list[Path]]:
+                         engine: dict, stats: dict[str, "TensorStats"] | None = None, progress: bool = True,
+                         **write) -> tuple[Verdict, list[Path]]:
     """Score every target x shrink of a fitted method against its cutoff checkpoint on ``options.dataset`` and
     write the pick to ``out_dir/step-T`` (``verify.json`` and ``verify.png`` inside) only if it is confirmed; ``engine``
-    and ``write`` are ``extrapolate``'s options. Returns the verdict and the folders written (none if refused)."""
+    and ``write`` are ``extrapolate``'s options (``stats``: the observed window's, when already computed). Returns the verdict and the folders written (none if refused)."""
     from tqdm.auto import tqdm
 
     from relex.jsonout import dumps_strict
@@ -316,7 +317,7 @@ def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path
     items = read_dataset(options.dataset)
     trajectory = method.trajectory_
     method.check_targets(targets, trajectory.steps)
-    stats = compute_stats(trajectory, **engine, progress=progress)
+    stats = stats or compute_stats(trajectory, **engine, progress=progress)
     scorer = ModelScorer(trajectory, method, stats, items, max_new_tokens=options.max_new_tokens,
                          batch_size=options.batch_size, device=engine.get("device", "cpu"),
                          memory_budget=engine.get("memory_budget", "2GB"), grader=options.grader)

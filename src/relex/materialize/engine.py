@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -229,7 +230,7 @@ def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     if len(blocks) == 1 and cached is None:
         block = stream.load(name, *blocks[0])
     stats = cached or stream.stats(name, spec, block)
-    weights = method.weights(stats, targets)
+    weights = method.shrunk_weights(stats, targets)
     for r0, r1 in blocks:
         if block is None or len(blocks) > 1:
             block = stream.load(name, r0, r1)
@@ -253,7 +254,7 @@ def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype:
     else:
         stats = cached or stream.stats(name, spec)
         deltas = stream.deltas(name)
-    prediction = method.predict(name, deltas, stats.steps, targets)
+    prediction = replace(method.predict(name, deltas, stats.steps, targets), scale=method.shrink)
     anchor = [] if prediction.anchor is None else [prediction.anchor]
     for block in deltas.blocks(anchor):
         shape = (block.stop - block.start,) + spec.shape[1:] if spec.shape else ()

@@ -93,7 +93,7 @@ def values_task(context: RunContext, name: str, r0: int, r1: int, weights: np.nd
     stats = None
     if weights is None:
         stats = stream.stats(name, stream.base.specs[name], block)
-        weights = context.method.weights(stats, context.targets)
+        weights = context.method.shrunk_weights(stats, context.targets)
     else:
         weights = weights.copy()  # the object store's arrays are read-only, torch wants them writable
     out = np.empty((len(context.targets), block.numel * dtype.itemsize), dtype=np.uint8)
@@ -314,7 +314,7 @@ class _Writing(_Tasks):
         if not spec.dtype.is_floating_point or spec.numel == 0:
             work.local = True
         elif work.stats is not None:
-            work.weights = self.method.weights(work.stats, self.targets)
+            work.weights = self.method.shrunk_weights(work.stats, self.targets)
         elif len(blocks) > 1:
             work.grams = self._grams(name)
         return work
@@ -340,7 +340,7 @@ class _Writing(_Tasks):
         if work.grams:
             work.stats = self._summed(work.name, work.grams)
             work.grams = []
-            work.weights = self.method.weights(work.stats, self.targets)
+            work.weights = self.method.shrunk_weights(work.stats, self.targets)
             return False
         if not work.values:
             self._ask(work)  # the head always moves, whatever later tensors hold of the window
