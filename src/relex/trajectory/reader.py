@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from relex.errors import RelexError
+from relex.safeio import inside, read_json_object, regular_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,6 +36,8 @@ SAFETENSORS_DTYPES = {
 }
 SAFE_WEIGHTS = "model.safetensors"
 PICKLE_WEIGHTS = "pytorch_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -66,39 +70,64 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     Precedence (``modeling_utils._get_resolved_checkpoint_files``): model.safetensors, then
     model.safetensors.index.json, then pytorch_model.bin, then pytorch_model.bin.index.json; a stale
     index or old shards beside a model.safetensors are ignored, as transformers ignores them.
-    Pickles are refused unless allowed.
+    Pickles are refused unless allowed. Any of these names that is not a regular file (a FIFO, a folder, a link
+    to a device) is refused as such, never opened.
     """
     single = folder / SAFE_WEIGHTS
-    if single.is_file():
+    if regular_file(single):
         return [single]
     index = folder / f"{SAFE_WEIGHTS}.index.json"
-    if index.is_file():
+    if regular_file(index):
         return _indexed(index)
-    pickles = [p for p in (folder / PICKLE_WEIGHTS, folder / f"{PICKLE_WEIGHTS}.index.json") if p.is_file()]
+    pickles = [p for p in (folder / PICKLE_WEIGHTS, folder / f"{PICKLE_WEIGHTS}.index.json") if regular_file(p)]
     if pickles:
         if not allow_pickle:
             raise RelexError(
                 f"{pickles[0]}: pickle checkpoint refused (it can run code); "
                 "convert it to safetensors or pass --allow-pickle to load it with weights_only=True")
         return [pickles[0]] if pickles[0].suffix == ".bin" else _indexed(pickles[0])
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        raise RelexError(f"{folder}: {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG} (a PEFT adapter is merged with "
+                         "its config's r, lora_alpha and patterns; copy the config saved with the adapter)")
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     hint = f" (found {shards[0]} but no {SAFE_WEIGHTS}.index.json naming the shards)" if shards else ""
     raise RelexError(f"{folder}: no model weights found (expected {SAFE_WEIGHTS} or an index of shards){hint}")
 
 
 def _indexed(index: Path) -> list[Path]:
-    """The shard files an index's weight map names, in order of first appearance."""
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
+    """The shard files an index's weight map names, in order of first appearance, each a regular file in the
+    index's folder (a name that leaves it, by '..', an absolute path or a link, is refused)."""
+    weight_map = read_json_object(index, {"weight_map": dict[str, str]}).get("weight_map")
+    if not weight_map:
         raise RelexError(f"{index}: no weight_map in the index")
-    return [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = inside(index.parent, name, index, "weight_map")
+        if shard is None:
+            raise RelexError(f"{index.parent / name}: weight file listed in the index is missing")
+        shards.append(shard)
+    return shards
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RelexError(f"{path}: cannot read JSON ({exc})") from None
+def _not_zip(file: Path) -> RelexError:
+    """What a .bin that is no zip archive is: the legacy torch.save format (a bare pickle), or not a checkpoint."""
+    with open(file, "rb") as handle:
+        legacy = handle.read(1) == pickle.PROTO
+    if legacy:
+        return RelexError(f"{file}: legacy torch.save format (a bare pickle, not the zip archive of PyTorch >= 1.6), "
+                          "which relex does not read; convert it: load the model with torch yourself and save it "
+                          "with save_pretrained(..., safe_serialization=True)")
+    return RelexError(f"{file}: corrupt or truncated weight file (not a zip archive, as torch.save writes)")
+
+
+def _pickle_refused(file: Path, exc: Exception) -> RelexError:
+    """One line for a pickle torch.load(weights_only=True) failed on: blocked (it names code to run), or corrupt."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    reason = lines[-2] if len(lines) > 2 else lines[0]  # torch's weights_only message: advice, reason, a link
+    if "GLOBAL" in reason:
+        return RelexError(f"{file}: blocked: the pickle holds something torch.load(weights_only=True) refuses, as "
+                          f"it could run code ({reason})")
+    return RelexError(f"{file}: corrupt or truncated weight file ({reason})")
 
 
 @dataclass(frozen=True)
@@ -133,8 +162,6 @@ class CheckpointReader:
                 self.specs[name] = spec
 
     def _scan_safetensors(self, file: Path) -> dict[str, tuple[TensorSpec, int]]:
-        if not file.is_file():
-            raise RelexError(f"{file}: weight file listed in the index is missing")
         try:
             with safe_open(str(file), framework="pt"):  # safetensors' own validation of the whole file
                 pass
@@ -155,10 +182,12 @@ class CheckpointReader:
 
     def _scan_pickle(self, file: Path) -> dict[str, tuple[TensorSpec, int]]:
         log.warning("loading pickle checkpoint %s with weights_only=True", file)
+        if not zipfile.is_zipfile(file):
+            raise _not_zip(file)
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-            raise RelexError(f"{file}: corrupt or truncated weight file ({exc})") from None
+            raise _pickle_refused(file, exc) from None
         if not isinstance(state, dict):
             raise RelexError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
         for name, value in state.items():
