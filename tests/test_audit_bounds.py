@@ -140,6 +140,7 @@ def test_a_truncated_model_is_named(eval_model, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     assert str(weights) in refused(capsys, "eval", eval_model, "--dataset", data, "-q")
+    assert str(weights) in refused(capsys, "eval", eval_model, "--digits", "1", "-q")  # the lab's own task too
 
 
 # 4. integer buffers

@@ -166,6 +166,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quiet_libraries(args.quiet or args.score_only)
     if args.dataset is not None:
         return _eval_dataset(args)
+    from relex.lab.dataset_eval import check_weight_files
+
+    for folder in [*args.models, *pair]:  # a truncated file is named here, not in a transformers traceback
+        check_weight_files(folder)
     if args.backend != "hf":
         raise RelexError("--backend needs --dataset")
     try:
@@ -180,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             scores[label] = score_logits_extrapolation(anchor, cut, args.alpha, load_tokenizer(pair[1], args.tokenizer or args.base),
                                                        task, args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
-        raise RelexError(str(exc)) from exc
+        raise RelexError(" ".join(str(exc).split())) from exc  # one line, whatever the library wrote
     _print_scores(scores, args, "accuracy")
     if args.json:
         doc = {"task": task.spec(), "scores": {m: s.as_dict() for m, s in scores.items()}}
