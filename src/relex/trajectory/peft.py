@@ -17,7 +17,6 @@ in between.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from contextlib import contextmanager
@@ -29,20 +28,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from relex.errors import RelexError
-
-from relex.trajectory.reader import file_fingerprint
+from relex.safeio import read_json_object
+from relex.trajectory.reader import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_fingerprint
 
 if TYPE_CHECKING:
     from relex.trajectory.reader import CheckpointReader, TensorSpec
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.(?P<param>weight|bias))?")
 # Options whose merge is not W_0 + B @ A * scale: refused rather than merged wrongly.
 _UNSUPPORTED = ("use_dora", "use_bdlora", "target_parameters", "trainable_token_indices", "layer_replication",
                 "kasa_config", "monteclora_config")
+# The keys read from adapter_config.json and the JSON type each must have (float: any number).
+_CONFIG_SHAPE = {"peft_type": str, "r": int, "lora_alpha": float, "use_rslora": bool, "fan_in_fan_out": bool,
+                 "rank_pattern": dict[str, int] | None, "alpha_pattern": dict[str, float] | None}
+_QUANTIFIER = re.compile(r"[*+{]|(?<!\()\?")  # a ? right after ( opens an extension, (?: or (?P<
 
 
 def is_adapter_folder(folder: Path) -> bool:
@@ -54,8 +55,29 @@ def is_adapter_folder(folder: Path) -> bool:
     return not full and not any(folder.glob("pytorch_model*.bin"))
 
 
+def check_pattern_key(key: str, field: str, config: Path) -> None:
+    r"""Refuse a ``rank_pattern`` / ``alpha_pattern`` key whose regular expression could take hours to match.
+
+    PEFT matches each key as ``(.*\.)?(KEY)$``, backtracking: a repeated group (``(a+)+``, ``(a|a)*``) is
+    exponential in the module name's length, k repeats in a row are n^k. Refused: a quantifier after a group,
+    more than 2 quantifiers or 4 ``|``, a backreference; names and simple regexes (``layers\.[0-3]\.q_proj``)
+    pass, and match in at most n^3 steps for a module name of n characters.
+    """
+    bare = re.sub(r"\\.", "_", key)  # escaped characters are literals
+    if (re.search(r"\)[*+?{]", bare) or len(_QUANTIFIER.findall(bare)) > 2 or bare.count("|") > 4
+            or re.search(r"\\[1-9]|\(\?P=", key)):
+        raise RelexError(f"{config}: {field} key {key[:60]!r} is a regular expression relex does not run: it "
+                         "could take hours to match (a repeated group, more than 2 repeats or 4 alternatives, "
+                         "a backreference)")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise RelexError(f"{config}: {field} key {key[:60]!r} is not a regular expression ({exc})") from None
+
+
 def pattern_key(patterns, module: str) -> str | None:
-    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module`` (PEFT's get_pattern_key)."""
+    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module`` (PEFT's get_pattern_key); the keys
+    passed ``check_pattern_key``."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
@@ -100,10 +122,10 @@ class AdapterReader:
         self._index(config, shapes)
 
     def _config(self) -> dict:
-        try:
-            config = json.loads(self.config_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RelexError(f"{self.config_path}: cannot read JSON ({exc})") from None
+        config = read_json_object(self.config_path, _CONFIG_SHAPE)
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in config.get(field) or {}:
+                check_pattern_key(key, field, self.config_path)
         if config.get("peft_type", "LORA") != "LORA":
             raise RelexError(f"{self.config_path}: peft_type {config.get('peft_type')} is not supported "
                              "(only LoRA adapters can be merged as W_0 + B @ A * scale)")
@@ -146,10 +168,10 @@ class AdapterReader:
             if name not in self.specs:
                 raise RelexError(f"{weights}: LoRA module '{module}' matches no tensor of the base (no '{name}')")
             a, b, target = shapes[a_key], shapes[b_key], self.specs[name].shape
-            rank = a[0] if len(a) == 2 else -1
+            rank = a[0] if len(a) == 2 else 0
             transpose = embedding or bool(config.get("fan_in_fan_out"))
             out_in = (b[0], a[1]) if len(a) == 2 and len(b) == 2 else None
-            if out_in is None or b[1] != rank or (out_in[::-1] if transpose else out_in) != target:
+            if out_in is None or rank == 0 or b[1] != rank or (out_in[::-1] if transpose else out_in) != target:
                 raise RelexError(f"{weights}: LoRA factors of '{module}' ({list(a)}, {list(b)}) do not make "
                                  f"the base tensor's shape {list(target)}")
             r_key = pattern_key(rank_pattern, module)
