@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -240,3 +242,41 @@ def test_several_shrinks_without_verify_are_refused(pico, tmp_path, capsys):
     assert main(["extrapolate", "--base", str(base), "--run", str(run), "--target", "40", "--no-cache", "-q",
                  "--out", str(tmp_path / "o"), "--shrink", "0.5", "--shrink", "1"]) == 2
     assert "need --verify" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gain", [True, False], ids=["gains", "collapses"])
+def test_watch_rewrites_only_a_verified_prediction(tmp_path, gain):
+    from relex.live.watcher import Watcher
+    from relex.verify import VerifyOptions
+
+    base, run, data, target = answer_run(tmp_path, gain=gain)
+    options = VerifyOptions(data, shrinks=(0.5, 1.0), max_new_tokens=1, grader="test_verify:exact_match")
+    watcher = Watcher(base, run, [target], tmp_path / "out", settle=0.0, cache=False, verify=options)
+    watcher.poll()
+    assert watcher.status["verify"]["published"] == gain
+    assert (tmp_path / "out" / f"step-{target}").exists() == gain
+
+
+def test_the_callback_does_not_jump_to_an_unverified_prediction(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from relex.integrations.trl import RelexCallback
+    from relex.live.watcher import Watcher
+
+    base, run, data, target = answer_run(tmp_path, gain=False)
+    callback = RelexCallback(jump_to=target, base=base, verify=data, cache=False)
+    callback.options["verify"] = replace(callback.options["verify"], max_new_tokens=1,
+                                         grader="test_verify:exact_match")
+    callback.watcher = Watcher(base, run, [], tmp_path / "out", settle=0.0, **callback.options)
+    callback.watcher.poll()
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.load_state_dict(load_file(str(run / "checkpoint-4" / "model.safetensors")))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = SimpleNamespace(global_step=4)
+    callback._jump(state, model, None, None)
+    assert state.global_step == 4 and callback.jumped is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -98,27 +98,6 @@ def _window_probe(args: argparse.Namespace, observed, stats: dict) -> list[dict]
     return _probe_rows(args, observed, window, backtest(window))
 
 
-def _add_verify(p: argparse.ArgumentParser) -> None:
-    from relex.verify import DEFAULT_MARGIN, NOT_VERIFIED
-
-    g = p.add_argument_group("verified extrapolation", f"score every --target x --shrink against the cutoff "
-                             f"checkpoint on your problems; write the best only if it beats stopping on a held-apart "
-                             f"part (else write nothing and exit {NOT_VERIFIED}); docs/trust.md")
-    g.add_argument("--verify", type=Path, metavar="FILE.jsonl",
-                   help="verifiable problems, lines {\"prompt\", \"answer\"} as `relex eval --dataset` reads them")
-    g.add_argument("--verify-margin", type=float, default=DEFAULT_MARGIN,
-                   help="paired standard errors by which the pick must beat stopping on the confirmation part "
-                        "(default %(default)s)")
-    g.add_argument("--verify-share", type=float, default=0.5,
-                   help="share of the problems kept apart to confirm the pick (default %(default)s)")
-    g.add_argument("--verify-seed", type=int, default=0, help="seed of the one split (default %(default)s)")
-    g.add_argument("--verify-json", type=Path, metavar="FILE", help="also write the verdict here, published or not")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per answer (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="problems decoded together (default %(default)s)")
-    g.add_argument("--grader", metavar="MODULE:FUNCTION",
-                   help="grade with your function (completion, answer) -> bool instead of math-verify's")
-
-
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -127,6 +106,7 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from relex import __version__
     from relex.methods import METHODS
+    from relex.verify import add_verify_arguments
 
     parser = _Parser(prog="relex", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"relex {__version__}")
@@ -157,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write W_0 + LAMBDA (W_pred - W_0), the prediction moved towards the base (default 1); "
                          "with --verify, repeatable: the grid to choose from (default 0.25 0.5 0.75 1)")
     _add_probe(ex)
-    _add_verify(ex)
+    add_verify_arguments(ex)
     ex.set_defaults(func=cmd_extrapolate)
 
     bt = sub.add_parser("backtest", help="fit on prefixes of the window, score predictions of its last checkpoint")
@@ -310,10 +290,9 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
 def _verified(args: argparse.Namespace, method, targets: list[int], shrinks: list[float] | None, run_info: dict,
               stats: dict | None) -> int:
     """--verify: race the candidates, print their table, write the pick only if confirmed (else exit 3)."""
-    from relex.verify import DEFAULT_SHRINKS, NOT_VERIFIED, VerifyOptions, verdict_table, verified_extrapolate
+    from relex.verify import NOT_VERIFIED, verdict_table, verified_extrapolate, verify_options
 
-    options = VerifyOptions(args.verify, shrinks or DEFAULT_SHRINKS, args.verify_margin, args.verify_seed,
-                            args.verify_share, args.max_new_tokens, args.batch_size, args.grader, args.verify_json)
+    options = verify_options(args, shrinks)
     engine = {k: v for k, v in _engine_options(args).items() if k != "progress"}
     verdict, folders = verified_extrapolate(method, targets, args.out, options, engine=engine, stats=stats,
                                             progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype,

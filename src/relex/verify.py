@@ -10,6 +10,7 @@ the pick. The pick is published only if its paired gain over the incumbent on th
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -292,6 +293,38 @@ class VerifyOptions:
     batch_size: int = 64
     grader: str | None = None
     record: Path | None = None  # verify.json's copy wherever the user wants it, published or not
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    """``--verify`` and its settings, shared by ``extrapolate`` and ``watch``."""
+    g = p.add_argument_group("verified extrapolation", f"score every --target x --shrink against the cutoff "
+                             f"checkpoint on your problems; write the best only if it beats stopping on a held-apart "
+                             f"part (else write nothing and exit {NOT_VERIFIED}); docs/trust.md")
+    g.add_argument("--verify", type=Path, metavar="FILE.jsonl",
+                   help="verifiable problems, lines {\"prompt\", \"answer\"} as `relex eval --dataset` reads them")
+    g.add_argument("--verify-margin", type=float, default=DEFAULT_MARGIN,
+                   help="paired standard errors by which the pick must beat stopping on the confirmation part "
+                        "(default %(default)s)")
+    g.add_argument("--verify-share", type=float, default=0.5,
+                   help="share of the problems kept apart to confirm the pick (default %(default)s)")
+    g.add_argument("--verify-seed", type=int, default=0, help="seed of the one split (default %(default)s)")
+    g.add_argument("--verify-json", type=Path, metavar="FILE", help="also write the verdict here, published or not")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per answer (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="problems decoded together (default %(default)s)")
+    g.add_argument("--grader", metavar="MODULE:FUNCTION",
+                   help="grade with your function (completion, answer) -> bool instead of math-verify's")
+
+
+def verify_options(args: argparse.Namespace, shrinks: Sequence[float] | None = None) -> VerifyOptions | None:
+    """The parsed ``--verify`` settings (None without ``--verify``); ``shrinks`` default to the grid."""
+    if args.verify is None:
+        return None
+    if not math.isfinite(args.verify_margin) or args.verify_margin < 0:
+        raise RelexError(f"--verify-margin {args.verify_margin}: give a finite number of standard errors, at least 0")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise RelexError("--max-new-tokens and --batch-size must be at least 1")
+    return VerifyOptions(args.verify, tuple(shrinks or DEFAULT_SHRINKS), args.verify_margin, args.verify_seed,
+                         args.verify_share, args.max_new_tokens, args.batch_size, args.grader, args.verify_json)
 
 
 def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path, options: VerifyOptions, *,

@@ -6,6 +6,10 @@ are written), logs the diagnostics through the trainer's own ``log`` (so they re
 or whatever ``report_to`` names, under ``relex/...``) and rewrites the predictions at ``targets`` in
 ``out`` every ``every`` checkpoints. Any ``transformers.Trainer`` works; only the main process watches.
 
+``verify=FILE.jsonl`` (or a ``relex.verify.VerifyOptions``): predictions are rewritten, and the jump made,
+only when a candidate (the target x a shrink grid) beats the newest checkpoint on those problems, on a part
+kept apart from the one that chose it (``relex extrapolate --verify``, docs/trust.md).
+
 ``jump_to=STEP`` (opt-in, single process, full weights only) replaces the model's weights with the
 prediction at STEP once, at the first save at or after ``jump_at`` (without ``jump_at``: the first save
 whose backtest's safe horizon reaches STEP), and training goes on from there as step STEP: the step
@@ -35,6 +39,7 @@ from relex.errors import RelexError
 from relex.live.watcher import Watcher
 from relex.tempfiles import building, refuse_overlap
 from relex.trajectory.reader import weight_files
+from relex.verify import VerifyOptions
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,8 @@ class RelexCallback(TrainerCallback):
     def __init__(self, targets: Sequence[int] = (), every: int = 1, out: str | Path | None = None,
                  base: str | Path | None = None, window: int | None = None, jump_to: int | None = None,
                  jump_at: int | None = None, optimizer: str = "keep", cache: str | Path | bool | None = None,
-                 memory_budget: str | int = "2GB", device: str = "cpu", overwrite: bool = False) -> None:
+                 memory_budget: str | int = "2GB", device: str = "cpu", overwrite: bool = False,
+                 verify: "str | Path | VerifyOptions | None" = None) -> None:
         if optimizer not in OPTIMIZER_CHOICES:
             raise RelexError(f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZER_CHOICES)}")
         if jump_at is not None and (jump_to is None or jump_at >= jump_to):
@@ -81,7 +87,10 @@ class RelexCallback(TrainerCallback):
         self.targets, self.every, self.window = list(targets), every, window
         self.out, self.base = out, base
         self.jump_to, self.jump_at, self.optimizer = jump_to, jump_at, optimizer
-        self.options = {"cache": cache, "memory_budget": memory_budget, "device": device, "overwrite": overwrite}
+        if verify is not None and not isinstance(verify, VerifyOptions):
+            verify = VerifyOptions(Path(verify))
+        self.options = {"cache": cache, "memory_budget": memory_budget, "device": device, "overwrite": overwrite,
+                        "verify": verify}
         self.watcher: Watcher | None = None
         self.trainer: Trainer | None = None
         self.history: list[dict] = []  # (step, metrics) of every status logged
@@ -159,7 +168,11 @@ class RelexCallback(TrainerCallback):
     def _jump(self, state, model, optimizer, lr_scheduler) -> None:
         """Load the prediction at ``jump_to`` into the model in place and move the run's step to it; whatever
         can fail (writing, reading, matching the model) comes before the model is touched."""
-        folder = self.watcher.write([self.jump_to])[0]
+        folders = self.watcher.write([self.jump_to])
+        if not folders:  # verify=: the prediction did not beat the checkpoint just saved; try at the next save
+            log.info("no jump at step %d: the prediction at step %d is not verified", state.global_step, self.jump_to)
+            return
+        folder = folders[0]
         weights: dict[str, torch.Tensor] = {}
         for file in weight_files(folder):
             weights.update(load_file(str(file)))

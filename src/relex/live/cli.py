@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from relex.verify import add_verify_arguments, verify_options
+
 if TYPE_CHECKING:
     from relex.live.watcher import Watcher
 
@@ -60,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
     w.add_argument("--overwrite", action="store_true",
                    help="replace outputs in --out that an earlier watch of this run did not write")
+    add_verify_arguments(w)
     w.add_argument("-q", "--quiet", action="store_true", help="no live line or warnings")
     w.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     w.set_defaults(func=cmd_watch)
@@ -95,7 +98,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     watcher = Watcher(args.base, args.run, args.target, args.out, every=args.every, settle=args.settle,
                       window=args.window, cache=False if args.no_cache else args.cache,
                       memory_budget=args.memory_budget, device=args.device, overwrite=args.overwrite,
-                      allow_pickle=args.allow_pickle)
+                      allow_pickle=args.allow_pickle, verify=verify_options(args))
     tty = sys.stdout.isatty()
     last_verdict = None
     try:

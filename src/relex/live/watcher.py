@@ -31,7 +31,7 @@ import stat
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from relex.tempfiles import building, refuse_overlap
 from relex.trajectory import Checkpoint, TensorSpec, Trajectory
 from relex.trajectory.discover import RELEX_OUTPUT_MARKER, model_folder, step_folders
 from relex.trajectory.reader import file_fingerprint
+
+if TYPE_CHECKING:
+    from relex.verify import VerifyOptions
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ class Watcher:
     def __init__(self, base: str | Path, run: str | Path, targets: Sequence[int] = (), out: str | Path | None = None,
                  every: int = 1, settle: float = 30.0, window: int | None = None,
                  cache: str | Path | bool | None = None, memory_budget: str | int = "2GB", device: str = "cpu",
-                 overwrite: bool = False, allow_pickle: bool = False) -> None:
+                 overwrite: bool = False, allow_pickle: bool = False, verify: "VerifyOptions | None" = None) -> None:
         self.base, self.run = Path(base), Path(run)
         if not self.base.is_dir():
             raise RelexError(f"{self.base}: base model folder not found")
@@ -136,6 +139,7 @@ class Watcher:
         self.out = Path(out) if out is not None else None
         self.every, self.settle, self.window = every, settle, window
         self.engine = {"memory_budget": memory_budget, "device": device}
+        self.verify = verify  # rewrite a prediction only when it beats the newest checkpoint on these problems
         self.allow_pickle = allow_pickle
         self.steps: list[int] = []  # every step taken, sorted
         self.paths: dict[int, Path] = {}
@@ -411,8 +415,19 @@ class Watcher:
         method = Relex().fit(traj, progress=False)
         status = {k: v for k, v in (self.status or {}).items() if k in ("step", "window", "safe_horizon", "verdict")}
         run_info = {"run": str(self.run.resolve()), "watch": status}
-        folders = extrapolate(method, self.out, targets, overwrite=True, stats=self.stats(steps),
-                              cache=False, progress=False, run_info=run_info, **self.engine)
+        if self.verify is None:
+            folders = extrapolate(method, self.out, targets, overwrite=True, stats=self.stats(steps),
+                                  cache=False, progress=False, run_info=run_info, **self.engine)
+        else:
+            from relex.verify import verified_extrapolate
+
+            verdict, folders = verified_extrapolate(method, targets, self.out, self.verify,
+                                                    engine={**self.engine, "cache": False}, stats=self.stats(steps),
+                                                    progress=False, overwrite=True, run_info=run_info)
+            if self.status is not None:
+                self.status["verify"] = verdict.as_dict()["decision"]
+            if not folders:
+                log.info("predictions not rewritten: %s", verdict.summary())
         self.written = folders
         return folders
 
