@@ -1,10 +1,11 @@
 """A complete Hugging Face model folder, built under a temporary name and renamed when complete.
 
 It holds config.json (dtype set), the base's generation config and tokenizer files copied byte for
-byte, the custom-code modules ``auto_map`` names, the weights (one file or shards plus index) and
-``relex.json`` describing how it was made. Everything is fsynced before the rename. An interrupted
-run leaves only a hidden ``.NAME.relex-tmp-PID`` folder, never one that looks finished, and the next
-run sweeps it once that process is dead.
+byte (contents, not modes; only regular files within the base's tree), the custom-code modules
+``auto_map`` names, the weights (one file or shards plus index) and ``relex.json`` describing how it
+was made. Everything is fsynced before the rename. A failed or interrupted run leaves only a hidden
+``.NAME.relex-tmp-PID`` folder, never one that looks finished: a failure removes it, and the next run
+sweeps one of a killed process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from relex.errors import RelexError
 from relex.jsonout import dumps_strict
+from relex.safeio import inside
 from relex.tempfiles import remove, sweep, temp_path
 from relex.writer.safetensors_writer import PlannedTensor, ShardedWriter, plan_shards
 
@@ -62,12 +64,21 @@ def os_errors(folder: Path, what: str = ""):
 
 
 def custom_code_files(base: Path, config: dict) -> list[str]:
-    """The base's ``*.py`` modules that ``auto_map`` names (``modeling_x.Class`` or ``repo--modeling_x.Class``)."""
-    refs = []
-    for value in (config.get("auto_map") or {}).values():
-        refs.extend(value if isinstance(value, list) else [value])
-    modules = {ref.split("--")[-1].rsplit(".", 1)[0] for ref in refs if isinstance(ref, str) and "." in ref}
-    return sorted(f"{m}.py" for m in modules if (base / f"{m}.py").is_file())
+    """The base's ``*.py`` modules that ``auto_map`` (typed by ``Trajectory.base_config``) names, as
+    ``modeling_x.Class`` or ``repo--modeling_x.Class``; one outside the base (``../evil.Class``) is refused."""
+    modules = set()
+    for key, value in (config.get("auto_map") or {}).items():
+        for ref in value if isinstance(value, list) else [value]:
+            module = ref.split("--")[-1].rpartition(".")[0] if isinstance(ref, str) else ""
+            if module and inside(base, f"{module}.py", base / "config.json", f"auto_map[{key!r}]"):
+                modules.add(f"{module}.py")
+    return sorted(modules)
+
+
+def side_files(base: Path, config: dict) -> list[str]:
+    """The base's files every output carries: tokenizer and generation config, and the custom code; each a regular
+    file within the base's tree (``relex.safeio.inside``: a link out of it is refused, not copied into outputs)."""
+    return [name for name in COPIED_FILES if inside(base, name)] + custom_code_files(base, config)
 
 
 def fsync_path(path: Path) -> None:
@@ -88,21 +99,31 @@ class ModelFolderWriter:
         self.tmp = temp_path(self.folder)
         self.trash = temp_path(self.folder, "old")
         self.published = False
+        copied = side_files(base, config)  # a refused name or link is refused before anything is made
         with os_errors(self.folder):
             self.folder.parent.mkdir(parents=True, exist_ok=True)
             sweep(self.folder.parent)
             remove(self.tmp)
-            self.tmp.mkdir()
-            for name in (*COPIED_FILES, *custom_code_files(base, config)):
-                if (base / name).is_file():
-                    shutil.copyfile(base / name, self.tmp / name)
-            config = dict(config)
-            config["dtype"] = _dominant_dtype(tensors)
-            if "torch_dtype" in config:
-                config["torch_dtype"] = config["dtype"]
-            (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            try:
+                self._start(base, config, copied, tensors)
+            except BaseException:  # disk full while copying the tokenizer ...: no temporary is left
+                remove(self.tmp)
+                raise
         self.shards = plan_shards(tensors, max_shard_size)
         self.weights = ShardedWriter(self.tmp, self.shards, self.folder)
+
+    def _start(self, base: Path, config: dict, copied: list[str], tensors: list[PlannedTensor]) -> None:
+        """The temporary folder with the base's side files (contents only: a 0600 file's mode is not carried
+        over) and config.json, its dtype set and strict JSON (``base_config`` refused NaN and Infinity)."""
+        self.tmp.mkdir()
+        for name in copied:
+            (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(base / name, self.tmp / name)
+        config = dict(config)
+        config["dtype"] = _dominant_dtype(tensors)
+        if "torch_dtype" in config:
+            config["torch_dtype"] = config["dtype"]
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     @property
     def order(self) -> list[str]:
