@@ -31,6 +31,7 @@ class Checkpoint:
 
     step: int
     path: Path
+    unusable: str | None = None  # why its weights cannot be read (verl kept FSDP shards only): refused if observed
 
 
 def _has_weights(folder: Path) -> bool:
@@ -74,11 +75,20 @@ def discover_checkpoints(run: Path) -> list[Checkpoint]:
     run = Path(run)
     if not run.is_dir():
         raise RelexError(f"{run}: run folder not found")
-    found = [Checkpoint(step, model_folder(child, layout)) for step, child, layout in step_folders(run)]
+    found = [_checkpoint(step, child, layout) for step, child, layout in step_folders(run)]
     if not found:
         raise RelexError(f"{run}: no checkpoints found (expected checkpoint-N/, global_step_N/, "
                          "global_stepN_hf/, step-N/ or step_N/ folders)")
     return check_steps(found)
+
+
+def _checkpoint(step: int, folder: Path, layout: str) -> Checkpoint:
+    """The step's checkpoint; one without readable weights is kept with the reason (``Trajectory.observed``
+    refuses it when observed and skips it, with a warning, past the cutoff)."""
+    try:
+        return Checkpoint(step, model_folder(folder, layout))
+    except RelexError as exc:
+        return Checkpoint(step, folder, unusable=str(exc))
 
 
 def parse_checkpoint_args(pairs: list[str]) -> list[Checkpoint]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relex.errors import RelexError
+from relex.safeio import read_json_object, regular_file
 from relex.trajectory.deltas import BufferPool, ReadDeltas
 from relex.trajectory.discover import Checkpoint, check_steps, discover_checkpoints, parse_checkpoint_args
 from relex.trajectory.peft import AdapterReader, is_adapter_folder
@@ -16,6 +16,9 @@ from relex.trajectory.reader import CheckpointReader, TensorSpec
 log = logging.getLogger(__name__)
 
 TIED_HEAD = "lm_head.weight"
+# The keys relex reads from the base's config.json and the JSON type each must have.
+_CONFIG_SHAPE = {"tie_word_embeddings": bool, "vocab_size": int | None, "text_config": dict[str, object] | None,
+                 "auto_map": dict[str, str | list[str | None]]}
 
 
 @dataclass
@@ -52,13 +55,21 @@ class Trajectory:
         return [c.step for c in self.checkpoints]
 
     def observed(self, cutoff: int | None, minimum: int = 2) -> "Trajectory":
-        """The checkpoints with step <= cutoff; a line needs at least two of them (ExPO: ``minimum=1``)."""
+        """The checkpoints with step <= cutoff; a line needs at least two of them (ExPO: ``minimum=1``).
+
+        A step without readable weights (verl's FSDP shards only) is refused if observed, skipped past the cutoff.
+        """
         if cutoff is None:
             kept = list(self.checkpoints)
         else:
             if cutoff < self.steps[0]:
                 raise RelexError(f"cutoff {cutoff} is below the first checkpoint step {self.steps[0]}")
             kept = [c for c in self.checkpoints if c.step <= cutoff]
+        for ckpt in self.checkpoints:
+            if ckpt.unusable and ckpt in kept:
+                raise RelexError(ckpt.unusable)
+            if ckpt.unusable:
+                log.warning("%s; skipped, it is past the cutoff %s", ckpt.unusable, cutoff)
         if len(kept) < minimum:
             need = "a line needs at least two" if minimum == 2 else f"at least {minimum} needed"
             raise RelexError(f"only {len(kept)} checkpoint(s) observed up to cutoff {cutoff}: "
@@ -82,13 +93,12 @@ class Trajectory:
                           buffers or BufferPool())
 
     def base_config(self) -> dict:
+        """The base's config.json, read bounded and typed (relex.safeio): NaN or Infinity in it is refused, as the
+        outputs' copies must be strict JSON."""
         path = self.base / "config.json"
-        if not path.is_file():
+        if not regular_file(path):
             raise RelexError(f"{self.base}: base model has no config.json")
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise RelexError(f"{path}: invalid JSON ({exc})") from None
+        return read_json_object(path, _CONFIG_SHAPE)
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         """The tensors every checkpoint must share with the base, checked name by name.
