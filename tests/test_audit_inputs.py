@@ -279,6 +279,16 @@ def test_weights_that_are_not_a_regular_file(pico, kind, says):
         CheckpointReader(run / "checkpoint-5")
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_adapter_files_that_are_not_regular_files(pico, tmp_path, name):
+    base, _, _ = pico
+    folder = hand_adapter(tmp_path / "adapter")
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(RelexError, match=f"{name}: not a regular file \\(a FIFO\\)"):
+        Trajectory(base, []).reader(folder)
+
+
 def pickled(run: Path, step: int, state, **options) -> Path:
     folder = run / f"checkpoint-{step}"
     torch.save(state, folder / "pytorch_model.bin", **options)

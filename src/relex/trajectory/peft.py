@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from relex.errors import RelexError
-from relex.safeio import read_json_object
+from relex.safeio import read_json_object, regular_file
 from relex.trajectory.reader import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_fingerprint
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ _QUANTIFIER = re.compile(r"[*+{]|(?<!\()\?")  # a ? right after ( opens an exten
 def is_adapter_folder(folder: Path) -> bool:
     """A PEFT adapter checkpoint: an adapter config and no full model weights beside it."""
     folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).is_file():
+    if not regular_file(folder / ADAPTER_CONFIG):
         return False
     full = [p for p in folder.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
     return not full and not any(folder.glob("pytorch_model*.bin"))
@@ -104,7 +104,7 @@ class AdapterReader:
         self.base = base
         self.config_path = self.folder / ADAPTER_CONFIG
         weights = self.folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
+        if not regular_file(weights):
             bins = sorted(self.folder.glob("adapter_model*.bin"))
             raise RelexError(f"{bins[0]}: pickle adapter refused; save it with safetensors" if bins else
                              f"{self.folder}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
