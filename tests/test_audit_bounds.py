@@ -45,6 +45,13 @@ def test_a_step_beyond_the_bound_in_a_folder_name_is_refused(pico, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_a_5000_digit_checkpoint_step_is_one_line(pico, tmp_path, capsys):
+    base, run, _ = pico  # Python refuses int() of more than 4300 digits: the length is read first
+    err = refused(capsys, "extrapolate", "--base", base, "--checkpoint", f"{'9' * 5000}={run / 'checkpoint-21'}",
+                  "--checkpoint", f"3={run / 'checkpoint-3'}", "--target", 40, "--out", tmp_path / "out", "--no-cache")
+    assert "--checkpoint" in err and "10**15" in err and len(err) < 400
+
+
 def test_a_target_beyond_the_bound_is_refused(pico, tmp_path, capsys):
     base, run, _ = pico
     err = refused(capsys, *extrapolate_args(base, run, tmp_path / "out", "--target", 10**200))

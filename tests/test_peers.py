@@ -287,7 +287,7 @@ def test_cli_refuses_bad_peer_input(pico, tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert main([*common, "--method", "alpharl", "--alpharl-target", "accuracy", "--scores", str(bad),
                  "--target", "20"]) == 2
-    assert "JSON object" in capsys.readouterr().err
+    assert "expected an object" in capsys.readouterr().err
     # the report's layout {"real": {...}, "relex": {...}} is read too: its measured series
     report_style = tmp_path / "report.json"
     report_style.write_text(json.dumps({"real": {"2": 0.1, "3": 0.2}, "relex": {"30": 0.9}}))

@@ -213,8 +213,8 @@ def test_d7_rewrite_with_restored_mtime_is_not_served_from_cache(extrapolate, pi
 
 
 # 8. non-finite outputs are refused ---------------------------------------------------------------------
-@pytest.mark.parametrize("extra", [("--target", 10**44), ("--target", 10**8, "--dtype", "float16")])
-def test_d8_overflowing_prediction_is_refused(extrapolate, extra):
+@pytest.mark.parametrize("extra", [("--target", 10**8, "--dtype", "float16"), ("--target", 10**15, "--dtype", "float16")])
+def test_d8_overflowing_prediction_is_refused(extrapolate, extra):  # (float32 cannot overflow below MAX_STEP)
     err = extrapolate(*extra, expect=2)
     assert "Inf or NaN" in err and "tensor '" in err and "/out/step-" in err
 

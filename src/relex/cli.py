@@ -6,7 +6,6 @@ Bad input ends with one line on stderr and exit code 2; nothing half-written is 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relex")
 
-MAX_STEP = 10**15  # below 2**53: every step, and every difference of two, is exact in float64
 THREADS_PER_CORE = 4  # more torch threads than this per core only slow down (and 100000 crash OpenMP)
 
 
@@ -190,14 +188,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _trajectory(args: argparse.Namespace):
-    """The run's trajectory, its steps (folder names or STEP=PATH) and any --target checked against MAX_STEP."""
+    """The run's trajectory (its steps checked against MAX_STEP by discovery) and any --target checked too."""
     from relex.trajectory import Trajectory
+    from relex.trajectory.discover import MAX_STEP
 
     trajectory = Trajectory.discover(args.base, args.run, args.checkpoint or None, allow_pickle=args.allow_pickle)
-    for checkpoint in trajectory.checkpoints:
-        if checkpoint.step > MAX_STEP:
-            raise RelexError(f"{checkpoint.path}: step {checkpoint.step} is above 10**15, the largest step relex "
-                             "fits exactly")
     for target in getattr(args, "target", []):
         if target > MAX_STEP:
             raise RelexError(f"--target {target} is above 10**15, the largest step relex fits exactly")
@@ -442,11 +437,10 @@ def _print_probe(rows: list[dict], safe: dict[str, float]) -> None:
         lambda row: f"{row['kl']:.4f} ({row['kl_vs_stay']:.2f}){'*' if row['safe'] else ''}"))
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RelexError(f"{path}: cannot read JSON ({exc})") from None
+def _read_json(path: Path) -> dict:
+    from relex.safeio import read_json_object
+
+    return read_json_object(path)  # bounded in size and depth, one line naming the file when refused
 
 
 def _print_analysis(report: dict, worst: int) -> None:

@@ -51,7 +51,7 @@ def read_prompts(path: Path) -> list[str]:
         if line.lstrip().startswith("{"):
             try:
                 prompt = json.loads(line).get("prompt")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 prompt = None
             if not isinstance(prompt, str):
                 raise RelexError(f"{path}:{number}: a JSON line needs a string 'prompt' field")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from relex.trajectory.discover import MAX_STEP
 from relex.verify import add_verify_arguments, verify_options
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "predictions rewritten as checkpoints arrive")
     w.add_argument("--base", required=True, type=Path, help="base model folder (theta_0)")
     w.add_argument("--run", required=True, type=Path, help="run folder the trainer writes checkpoints to")
-    w.add_argument("--target", type=bounded(int, 1, math.inf, "a step: a whole number, at least 1"),
+    w.add_argument("--target", type=bounded(int, 1, MAX_STEP, "a step: a whole number from 1 to 10**15"),
                    action="append", default=[], help="step to predict (repeatable; needs --out)")
     w.add_argument("--out", type=Path, help="folder for step-T/ predictions and watch.json (the latest status)")
     w.add_argument("--every", type=bounded(int, 1, math.inf, "a whole number of checkpoints, at least 1"), default=1,

@@ -185,7 +185,7 @@ class Watcher:
         status = self.out / STATUS_FILE
         try:
             ours = json.loads(read_small(status, STATUS_LIMIT) or "{}").get("run") == str(self.run.resolve())
-        except (RelexError, ValueError, AttributeError):
+        except (RelexError, ValueError, AttributeError, RecursionError):  # not a status of ours, whatever it holds
             ours = False
         taken = [p for p in [status] + [self.prediction(t) for t in self.targets] if os.path.lexists(p)]
         if taken and not ours and not overwrite:

@@ -22,7 +22,6 @@ cutoff checkpoint, W_cut, as the original's output (built on the loaded cutoff m
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
+from relex.safeio import read_json_object
 from relex.methods.base import DirectMethod, RankOnePrediction, option
 from relex.methods.pls import PLS1
 from relex.methods.triplet import MAX_ITER, DeltaDifference, top_singular_triplet
@@ -66,10 +66,7 @@ def load_scores(path: str | Path) -> dict[int, float]:
     "real" series: the run's measured accuracies), so one file serves both commands.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RelexError(f"{path}: cannot read scores JSON ({exc})") from None
+    raw = read_json_object(path)
     if isinstance(raw, dict) and isinstance(raw.get("real"), dict):
         raw = raw["real"]
     if not isinstance(raw, dict):

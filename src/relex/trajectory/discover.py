@@ -15,6 +15,8 @@ from relex.errors import RelexError
 
 log = logging.getLogger(__name__)
 
+MAX_STEP = 10**15  # below 2**53: every step, and every difference of two, is exact in float64
+
 _LAYOUTS = [
     (re.compile(r"checkpoint-(\d+)"), "trl"),
     (re.compile(r"global_step_(\d+)"), "verl"),
@@ -65,7 +67,7 @@ def step_folders(run: Path, warn: bool = True) -> list[tuple[int, Path, str]]:
         for pattern, layout in _LAYOUTS:
             match = pattern.fullmatch(child.name)
             if match:
-                found.append((int(match.group(1)), child, layout))
+                found.append((parse_step(match.group(1), child), child, layout))
                 break
     return found
 
@@ -91,6 +93,16 @@ def _checkpoint(step: int, folder: Path, layout: str) -> Checkpoint:
         return Checkpoint(step, folder, unusable=str(exc))
 
 
+def parse_step(text: str, where: Path | str) -> int:
+    """A step number's digits (a folder name's, STEP=PATH's) as an int, refused above MAX_STEP in one line
+    (read by length first: Python refuses to convert more than 4300 digits)."""
+    digits = text.strip().lstrip("0") or "0"
+    if len(digits) > len(str(MAX_STEP)) or int(digits) > MAX_STEP:
+        raise RelexError(f"{where}: step {digits[:20]}{'...' if len(digits) > 20 else ''} is above 10**15, the "
+                         "largest step relex fits exactly")
+    return int(digits)
+
+
 def parse_checkpoint_args(pairs: list[str]) -> list[Checkpoint]:
     """``STEP=PATH`` strings (from ``--checkpoint``) to checkpoints."""
     out = []
@@ -98,7 +110,7 @@ def parse_checkpoint_args(pairs: list[str]) -> list[Checkpoint]:
         step, sep, path = pair.partition("=")
         if not sep or not step.strip().isdigit():
             raise RelexError(f"--checkpoint {pair!r}: expected STEP=PATH with an integer step")
-        out.append(Checkpoint(int(step), Path(path)))
+        out.append(Checkpoint(parse_step(step, f"--checkpoint {path}"), Path(path)))
     return check_steps(out)
 
 
@@ -106,6 +118,8 @@ def check_steps(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     """Sort by step and refuse two checkpoints claiming the same step or a step below 1."""
     by_step: dict[int, Checkpoint] = {}
     for ckpt in checkpoints:
+        if ckpt.step > MAX_STEP:
+            parse_step(str(ckpt.step), ckpt.path)
         if ckpt.step < 1:
             raise RelexError(f"{ckpt.path}: step {ckpt.step} must be >= 1 (the base is step 0: give that model as "
                              "--base and move it out of the run folder, or name the checkpoints with --checkpoint)")
