@@ -22,11 +22,16 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 # The main job: the default lab run (tiny model pre-trained here, real TRL GRPO, 90 steps), its
-# extrapolations and report, then relex's verdict on that run's first 14 steps (its 15% cutoff).
-# The longer lab is `make lab-long`.
+# extrapolations and report, relex's verdict on that run's first 14 steps (its 15% cutoff), then verified
+# extrapolation from step 14 on the lab's verify.jsonl: the table of targets x shrinks and the decision
+# (exit 3, accepted here, when nothing beats stopping). The longer lab is `make lab-long`.
 demo: setup
 	$(BIN)/relex lab --profile default --out runs/lab-default --overwrite
 	$(BIN)/relex analyze --base runs/lab-default/base --run runs/lab-default/run --cutoff 14 --no-cache
+	$(BIN)/relex extrapolate --base runs/lab-default/base --run runs/lab-default/run --cutoff 14 \
+	    --target 28 --target 56 --target 90 --out runs/lab-default-verified --overwrite --no-cache \
+	    --verify runs/lab-default/verify.jsonl --max-new-tokens 6 --grader relex.lab.tasks:Task.verify \
+	    || [ $$? -eq 3 ]
 
 lab-long: setup
 	$(BIN)/relex lab --profile long --out runs/lab-long --overwrite

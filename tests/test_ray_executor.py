@@ -107,4 +107,4 @@ def test_without_ray_installed_one_line_names_the_extra(pico, tmp_path, capsys, 
                  str(tmp_path / "out"), "--executor", "ray", "-q"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "relex: error: --executor ray needs Ray, an optional extra: pip install 'relex[ray]'"]
+        "relex: error: --executor ray needs Ray, an optional extra: pip install 'relex-rlvr[ray]'"]

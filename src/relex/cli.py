@@ -57,7 +57,7 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: Ray tasks on every node that sees the files, "
-                        "same results (pip install 'relex[ray]'; docs/ray.md)")
+                        "same results (pip install 'relex-rlvr[ray]'; docs/ray.md)")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="--executor ray: the cluster to join, as ray.init takes it (auto, HOST:PORT; default: "
                         "RAY_ADDRESS, else a cluster `ray start` began here, else a new local instance)")

@@ -178,7 +178,9 @@ def load_grader(spec: str | None) -> Callable[[str, str], bool]:
         return grade
     module, _, name = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = importlib.import_module(module)
+        for attribute in name.split("."):  # a function, or a class's static method (relex.lab.tasks:Task.verify)
+            fn = getattr(fn, attribute)
     except (ImportError, AttributeError, ValueError) as exc:
         raise RelexError(f"--grader {spec}: cannot import it as module:function ({exc})") from None
     if not callable(fn):
@@ -194,6 +196,7 @@ class ModelScorer:
                  items: Sequence["Item"], *, max_new_tokens: int = 512, batch_size: int = 64,
                  device: str = "cpu", memory_budget: str | int = "2GB", grader: str | None = None) -> None:
         import torch
+        import transformers
         from transformers import AutoModelForCausalLM
 
         from relex.analysis.probe import WeightLoader
@@ -203,6 +206,7 @@ class ModelScorer:
         self.method, self.stats, self.steps = method, stats, trajectory.steps
         self.max_new_tokens, self.batch_size, self.grade = max_new_tokens, batch_size, load_grader(grader)
         self.loader = WeightLoader(trajectory, memory_budget, device)
+        transformers.utils.logging.disable_progress_bar()  # relex draws its own; its errors are one line
         try:
             self.tokenizer = load_tokenizer(trajectory.base, trajectory.checkpoints[-1].path)
             self.model = AutoModelForCausalLM.from_pretrained(trajectory.base, dtype="auto", local_files_only=True,

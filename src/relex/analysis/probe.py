@@ -113,7 +113,7 @@ class Probe:
             import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
-            raise RelexError("--probe runs the models: it needs transformers (pip install 'relex[lab]')") from None
+            raise RelexError("--probe runs the models: it needs transformers (pip install 'relex-rlvr[lab]')") from None
         transformers.utils.logging.disable_progress_bar()  # relex draws its own; its errors are one line
         transformers.utils.logging.set_verbosity_error()
         self.trajectory = trajectory

@@ -16,7 +16,7 @@ from relex.lab.tasks import TASKS
 P = TypeVar("P")  # a tiny-lab Profile or an LLMProfile: both frozen dataclasses with an ``rl`` RLConfig
 
 if any(importlib.util.find_spec(pkg) is None for pkg in ("transformers", "trl", "matplotlib")):
-    raise ImportError("the lab needs the [lab] extra: pip install 'relex[lab]'")
+    raise ImportError("the lab needs the [lab] extra: pip install 'relex-rlvr[lab]'")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 import warnings
@@ -28,7 +29,9 @@ from relex.lab.profiles import LoraSettings, Profile
 from relex.lab.weights import drift, relative_weight_error
 from relex.tempfiles import building, check_replaceable, refuse_overlap
 
-LAB_LAYOUT = ("report.json", "report.md", "accuracy.png", "base", "run", "extrapolated", "heldout.jsonl")
+LAB_LAYOUT = ("report.json", "report.md", "accuracy.png", "base", "run", "extrapolated", "heldout.jsonl",
+              "verify.jsonl")
+VERIFY_SIZE = 400  # problems in verify.jsonl: the task's distribution, never a held-out (test) problem
 
 
 def quiet_libraries(quiet: bool) -> None:
@@ -220,4 +223,15 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
         }
         meta["seconds"]["total"] = round(sum(clock.seconds.values()), 2)
         report.write(tmp, meta, rows, curve)
+        write_verify_set(tmp / "verify.jsonl", task, seed)
     return out
+
+
+def write_verify_set(path: Path, task, seed: int) -> None:
+    """``relex extrapolate --verify``'s problems for this run: drawn like training problems (never held-out
+    ones, which stay the test set), by a seed of their own."""
+    from relex.lab.dataset_eval import Item, write_dataset
+
+    rng = random.Random(f"verify:{seed}")
+    problems = {p.prompt: p for p in task.sample_many(4 * VERIFY_SIZE, rng)}  # distinct prompts
+    write_dataset(path, [Item(p.prompt, p.answer) for p in list(problems.values())[:VERIFY_SIZE]])

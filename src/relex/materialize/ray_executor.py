@@ -34,7 +34,7 @@ from relex.stats.gram import TensorStats
 from relex.trajectory import TensorSpec, Trajectory
 from relex.writer import ModelFolderWriter
 
-INSTALL_HINT = "pip install 'relex[ray]'"
+INSTALL_HINT = "pip install 'relex-rlvr[ray]'"
 TASKS_PER_CPU = 2  # tasks queued per CPU of the cluster, so a CPU that finishes finds the next block waiting
 PROBE_SECONDS = 3.0  # a cluster's head answers a TCP connect at once; ray.init retried a dead one for 823 s
 
