@@ -280,3 +280,12 @@ def test_the_callback_does_not_jump_to_an_unverified_prediction(tmp_path):
     callback._jump(state, model, None, None)
     assert state.global_step == 4 and callback.jumped is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_candidates_stream_in_over_several_worker_threads(tmp_path, monkeypatch):
+    """Chunks small enough that the stream's worker threads share each tensor (as on a real model)."""
+    import relex.materialize.stream as stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 8 * 5 * 16)  # 16 columns of 4 steps + base
+    verdict, _ = scored_verdict(tmp_path, gain=True)
+    assert verdict.published

@@ -80,7 +80,7 @@ class WeightLoader:
             raise RelexError(f"{self.trajectory.base}: tensor '{missing[0]}' of the checkpoints is not a parameter of "
                              f"the model transformers loads from it")
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the stream's worker threads update its buffers outside that mode
     def load(self, model: "PreTrainedModel", steps: list[int], weights: np.ndarray | dict[str, np.ndarray]) -> None:
         """Set ``model``'s weights to the weighted sum over the checkpoints at ``steps`` (a prefix of the trajectory).
 
