@@ -1,7 +1,8 @@
 """Find the checkpoints of a training run on disk and order them by their real step number.
 
-Layouts: TRL/transformers ``checkpoint-N/``, verl ``global_step_N/`` (its ``actor/huggingface/``),
-OpenRLHF ``global_stepN_hf/``, plain ``step-N/`` or ``step_N/``; or explicit ``STEP=PATH`` pairs.
+Layouts: TRL/transformers ``checkpoint-N/``, verl ``global_step_N/`` (its ``actor/huggingface/``, else the
+FSDP shards in ``actor/``), OpenRLHF ``global_stepN_hf/``, plain ``step-N/`` or ``step_N/`` (NeMo-RL's DCP
+``policy/weights/`` inside); or explicit ``STEP=PATH`` pairs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relex.errors import RelexError
+from relex.trajectory.dcp import is_dcp_folder
+from relex.trajectory.fsdp import has_shards, merge_command, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +36,33 @@ class Checkpoint:
 
     step: int
     path: Path
-    unusable: str | None = None  # why its weights cannot be read (verl kept FSDP shards only): refused if observed
+    unusable: str | None = None  # why its weights cannot be read (verl's shards incomplete): refused if observed
 
 
 def _has_weights(folder: Path) -> bool:
     return any(any(folder.glob(g)) for g in _WEIGHT_GLOBS)
 
 
+NEMO_RL_WEIGHTS = Path("policy") / "weights"  # NeMo-RL's DCP save of the policy inside step_N/
+
+
 def model_folder(folder: Path, layout: str) -> Path:
-    """The folder with HF weights inside a saved step (verl keeps them under actor/huggingface)."""
+    """The folder with the weights inside a saved step: verl's actor/huggingface, else its FSDP shards in actor/
+    (all ranks present, each a torch.save archive; otherwise refused naming verl's model_merger); NeMo-RL's
+    policy/weights DCP folder inside a plain step without weights of its own."""
     if layout == "verl":
-        hf = folder / "actor" / "huggingface"
+        actor = folder / "actor"
+        hf = actor / "huggingface"
         if hf.is_dir() and _has_weights(hf):
             return hf
+        if has_shards(actor):
+            shard_files(actor)
+            return actor
         raise RelexError(
-            f"{folder}: no Hugging Face weights in actor/huggingface/ (verl saved FSDP shards only); "
-            "merge them first with verl's model_merger, or pass --checkpoint STEP=PATH")
+            f"{folder}: no Hugging Face weights in actor/huggingface/ and no FSDP model shards in actor/; convert the "
+            f"step with `{merge_command(actor)}`, or pass --checkpoint STEP=PATH")
+    if layout == "plain" and not _has_weights(folder) and is_dcp_folder(folder / NEMO_RL_WEIGHTS):
+        return folder / NEMO_RL_WEIGHTS
     return folder
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from relex.errors import RelexError
 from relex.safeio import read_json_object, regular_file
+from relex.trajectory.dcp import DcpReader, is_dcp_folder
 from relex.trajectory.deltas import BufferPool, ReadDeltas
 from relex.trajectory.discover import Checkpoint, check_steps, discover_checkpoints, parse_checkpoint_args
+from relex.trajectory.fsdp import FsdpShardReader, has_shards
 from relex.trajectory.peft import AdapterReader, is_adapter_folder
 from relex.trajectory.reader import CheckpointReader, TensorSpec
+from relex.trajectory.recast import Widened, widened
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,18 @@ TIED_HEAD = "lm_head.weight"
 # The keys relex reads from the base's config.json and the JSON type each must have.
 _CONFIG_SHAPE = {"tie_word_embeddings": bool, "vocab_size": int | None, "text_config": dict[str, object] | None,
                  "auto_map": dict[str, str | list[str | None]]}
+Reader = CheckpointReader | AdapterReader | FsdpShardReader | DcpReader | Widened
+
+
+def open_weights(folder: Path, allow_pickle: bool = False,
+                 names: frozenset[str] | dict = frozenset()) -> CheckpointReader | FsdpShardReader | DcpReader:
+    """The reader of a folder of whole weights, by what it holds: a DCP index (``names``: the base's, for its
+    prefix), verl FSDP shards without Hugging Face weights beside them, or a Hugging Face folder."""
+    if is_dcp_folder(folder):
+        return DcpReader(folder, names)
+    if has_shards(folder) and not any(folder.glob("*.safetensors")):
+        return FsdpShardReader(folder)
+    return CheckpointReader(folder, allow_pickle)
 
 
 @dataclass
@@ -29,7 +44,7 @@ class Trajectory:
     checkpoints: list[Checkpoint]
     allow_pickle: bool = False
     run: Path | None = None  # the run folder the checkpoints were discovered in, if any
-    _readers: dict[Path, CheckpointReader | AdapterReader] = field(default_factory=dict, repr=False)
+    _readers: dict[Path, Reader] = field(default_factory=dict, repr=False)
 
     @classmethod
     def discover(cls, base: str | Path, run: str | Path | None = None,
@@ -77,14 +92,33 @@ class Trajectory:
                              f"{', '.join(map(str, self.steps[:8]))}{'...' if len(self.steps) > 8 else ''})")
         return Trajectory(self.base, kept, self.allow_pickle, self.run, self._readers)
 
-    def reader(self, folder: Path) -> CheckpointReader | AdapterReader:
-        """The folder's reader: a PEFT LoRA adapter checkpoint reads as deltas of the base's tensors."""
+    def reader(self, folder: Path) -> Reader:
+        """The folder's reader: a PEFT LoRA adapter checkpoint reads as deltas of the base's tensors; whole weights
+        stored at another floating precision than the base's (fp32 masters, bf16 base) as exact float64 deltas."""
         if folder not in self._readers:
-            if folder != self.base and is_adapter_folder(folder):
-                self._readers[folder] = AdapterReader(folder, self.reader(self.base))
+            if folder == self.base:
+                self._readers[folder] = open_weights(folder, self.allow_pickle)
             else:
-                self._readers[folder] = CheckpointReader(folder, self.allow_pickle)
+                base = self.reader(self.base)
+                if is_adapter_folder(folder):
+                    self._readers[folder] = AdapterReader(folder, base)
+                else:
+                    weights = open_weights(folder, self.allow_pickle, frozenset(base.specs))
+                    self._readers[folder] = widened(weights, base.specs)
         return self._readers[folder]
+
+    def stored_dtypes(self) -> dict[str, dict[str, int]]:
+        """How many tensors each checkpoint (and the base) stores in each dtype, as saved: the precision the run's
+        deltas were measured at ("base" and each step as keys; a LoRA adapter's are its base's)."""
+        out = {}
+        for key, folder in [("base", self.base), *((str(c.step), c.path) for c in self.checkpoints)]:
+            reader = self.reader(folder)
+            counts: dict[str, int] = {}
+            for spec in getattr(reader, "stored_specs", reader.specs).values():
+                name = str(spec.dtype).removeprefix("torch.")
+                counts[name] = counts.get(name, 0) + 1
+            out[key] = counts
+        return out
 
     def deltas(self, name: str, block_bytes: int, buffers: BufferPool | None = None) -> ReadDeltas:
         """One tensor's deltas over the checkpoints, read in row blocks of at most ``block_bytes`` (see ReadDeltas;
@@ -124,7 +158,7 @@ class Trajectory:
                 if other.shape != spec.shape:
                     raise RelexError(f"{reader.file_of(name)}: tensor '{name}' has shape {list(other.shape)}, "
                                      f"base has {list(spec.shape)}")
-                if other.dtype != spec.dtype:
+                if other.dtype != spec.dtype:  # floating dtypes that differ were widened (recast.Widened)
                     raise RelexError(f"{reader.file_of(name)}: tensor '{name}' has dtype "
                                      f"{str(other.dtype).removeprefix('torch.')}, base has "
                                      f"{str(spec.dtype).removeprefix('torch.')}")
