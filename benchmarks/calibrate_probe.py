@@ -81,7 +81,7 @@ def measure_lab(lab: Path, ratios: list[float], probe_size: int, eval_size: int,
     from relex.analysis.backtest import backtest, default_settings, scoring_horizon
     from relex.analysis.probe import Probe, WeightLoader, probe_backtest
     from relex.errors import RelexError
-    from relex.lab.evaluate import load_tokenizer, score_model
+    from relex.eval.scoring import load_tokenizer, score_model
     from relex.lab.llm_lab import lab_task
     from relex.materialize import compute_stats
 

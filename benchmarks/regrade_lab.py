@@ -1,5 +1,5 @@
 """Re-grade an LLM lab run's models strictly: the held-out completions graded by plain math-verify and by
-`relex.lab.grading.grade` (which refuses arithmetic restated for the grader to evaluate), side by side.
+`relex.eval.grading.grade` (which refuses arithmetic restated for the grader to evaluate), side by side.
 
 Greedy-decodes the lab's held-out set (its own prompts and token budget) with each model folder, counts both
 verdicts, keeps every completion in the JSON (to read what a model learned), prints a markdown table:
@@ -25,8 +25,8 @@ def main() -> None:
     import torch
 
     from relex.jsonout import write_json
-    from relex.lab.evaluate import greedy_completions, load_model, load_tokenizer
-    from relex.lab.grading import final_answer, grade
+    from relex.eval.scoring import greedy_completions, load_model, load_tokenizer
+    from relex.eval.grading import final_answer, grade
     from relex.lab.llm_lab import lab_task
 
     torch.set_num_threads(args.threads)

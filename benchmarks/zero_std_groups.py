@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from relex.lab.grading import grade
+from relex.eval.grading import grade
 from relex.lab.math_task import INSTRUCTION, arithmetic_problem, chat_renderer
 from relex.lab.pretrained import ensure_model
 

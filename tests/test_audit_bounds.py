@@ -134,7 +134,7 @@ def test_a_bad_dataset_line_is_named(eval_model, tmp_path, capsys, line, message
 
 
 def test_numeric_answers_are_read_as_text(eval_model, tmp_path):
-    from relex.lab.dataset_eval import read_dataset
+    from relex.eval.dataset import read_dataset
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "1/2=", "answer": 0.5}\n')

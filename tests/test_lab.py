@@ -44,7 +44,7 @@ def test_addition_and_multiplication_answers() -> None:
 
 def test_paired_difference_against_stopping() -> None:
     """Two models that agree on most problems: the paired SE is the SE of the per-problem differences."""
-    from relex.lab.evaluate import Score
+    from relex.eval.scoring import Score
 
     stop = Score((True,) * 30 + (False,) * 70)
     method = Score((True,) * 28 + (False, False) + (True,) * 6 + (False,) * 64)  # 6 gains, 2 losses
@@ -193,7 +193,7 @@ def test_ci_lora_lab_end_to_end(ci_lora_lab: Path, capsys: pytest.CaptureFixture
     from transformers import AutoModelForCausalLM
 
     from relex.cli import main
-    from relex.lab.evaluate import load_model
+    from relex.eval.scoring import load_model
     from relex.trajectory.peft import is_adapter_folder
 
     report = json.loads((ci_lora_lab / "report.json").read_text())

@@ -15,8 +15,8 @@ pytest.importorskip("math_verify")
 pytest.importorskip("trl")
 
 from relex.errors import RelexError  # noqa: E402
-from relex.lab.dataset_eval import FileTask, Item, read_dataset, render_items, write_dataset  # noqa: E402
-from relex.lab.grading import grade  # noqa: E402
+from relex.eval.dataset import FileTask, Problem, read_dataset, render_items, write_dataset  # noqa: E402
+from relex.eval.grading import grade  # noqa: E402
 from relex.lab.math_task import MathTask  # noqa: E402
 
 # (completion, reference answer, expected verdict): every form a model's final answer takes
@@ -62,7 +62,7 @@ def test_grade_every_answer_form_from_a_dataset_file(graded_file: Path) -> None:
 
 
 def test_numeric_answers_round_trip(tmp_path: Path) -> None:
-    items = [Item("What is 2 + 3?", "5"), Item("Half of one?", "\\frac{1}{2}")]
+    items = [Problem("What is 2 + 3?", "5"), Problem("Half of one?", "\\frac{1}{2}")]
     write_dataset(tmp_path / "d.jsonl", items)
     assert read_dataset(tmp_path / "d.jsonl") == items
     assert grade("\\boxed{5}", "5") and not grade("\\boxed{6}", "5")
@@ -108,7 +108,7 @@ def test_eval_dataset_cli_on_a_real_model(tmp_path: Path) -> None:
 
     model, other = save_pico_model(tmp_path / "pico"), save_pico_model(tmp_path / "pico2", seed=1)
     data = tmp_path / "d.jsonl"
-    write_dataset(data, [Item("1+2=", "3"), Item("2+2=", "4"), Item("9+9=", "18")])
+    write_dataset(data, [Problem("1+2=", "3"), Problem("2+2=", "4"), Problem("9+9=", "18")])
     out = tmp_path / "scores.json"
     proc = subprocess.run([sys.executable, "-m", "relex", "eval", str(model), str(other), "--dataset", str(data),
                            "--max-new-tokens", "4", "--batch-size", "2", "--threads", "1", "--json", str(out)],
@@ -129,7 +129,7 @@ def test_eval_dataset_refuses_bad_input(tmp_path: Path) -> None:
 
     model = save_pico_model(tmp_path / "pico")
     data = tmp_path / "d.jsonl"
-    write_dataset(data, [Item("1+2=", "3")])
+    write_dataset(data, [Problem("1+2=", "3")])
     for extra, message in ((["--backend", "vllm"], "--backend vllm needs"), (["--profile", "ci"], "--dataset grades")):
         proc = subprocess.run([sys.executable, "-m", "relex", "eval", str(model), "--dataset", str(data), *extra],
                               capture_output=True, text=True)
@@ -151,7 +151,7 @@ def test_eval_takes_the_tokenizer_of_base_when_the_model_has_none(tmp_path: Path
         if f.name.startswith(("tokenizer", "special_tokens")):
             f.unlink()
     data = tmp_path / "d.jsonl"
-    write_dataset(data, [Item("1+2=", "3")])
+    write_dataset(data, [Problem("1+2=", "3")])
     command = [sys.executable, "-m", "relex", "eval", str(bare), "--dataset", str(data), "--max-new-tokens", "2", "-q"]
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode == 2 and "tokenizer" in refused.stderr

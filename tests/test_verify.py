@@ -141,7 +141,7 @@ def exact_match(completion: str, answer: str) -> bool:
 
 
 def scored_verdict(tmp_path, gain: bool):
-    from relex.lab.dataset_eval import read_dataset
+    from relex.eval.dataset import read_dataset
     from relex.materialize import compute_stats
     from relex.methods import METHODS
     from relex.trajectory import Trajectory

@@ -23,7 +23,7 @@ from relex.analysis.metrics import mean_stderr
 from relex.errors import RelexError
 
 if TYPE_CHECKING:
-    from relex.lab.dataset_eval import Item
+    from relex.eval.dataset import Problem
     from relex.methods.base import Method
     from relex.stats.gram import TensorStats
     from relex.trajectory import Trajectory
@@ -173,7 +173,7 @@ def verify(candidates: Sequence[Candidate], score: Scorer, n_problems: int, *, s
 def load_grader(spec: str | None) -> Callable[[str, str], bool]:
     """math-verify's strict grading, or a user's ``module:function`` taking (completion, answer) to a bool."""
     if spec is None:
-        from relex.lab.grading import grade
+        from relex.eval.grading import grade
 
         return grade
     module, _, name = spec.partition(":")
@@ -193,15 +193,19 @@ class ModelScorer:
     greedily, batched, with a KV cache; each problem's outcome for a candidate is computed once."""
 
     def __init__(self, trajectory: "Trajectory", method: "Method", stats: dict[str, "TensorStats"],
-                 items: Sequence["Item"], *, max_new_tokens: int = 512, batch_size: int = 64,
+                 items: Sequence["Problem"], *, max_new_tokens: int = 512, batch_size: int = 64,
                  device: str = "cpu", memory_budget: str | int = "2GB", grader: str | None = None) -> None:
         import torch
-        import transformers
-        from transformers import AutoModelForCausalLM
+        try:
+            import transformers
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise RelexError("--verify runs the models: it needs the eval extra (pip install 'relex-rlvr[eval]')") \
+                from None
 
         from relex.analysis.probe import WeightLoader
-        from relex.lab.dataset_eval import render_items
-        from relex.lab.evaluate import load_tokenizer
+        from relex.eval.dataset import check_prompts, context_length, render_items
+        from relex.eval.scoring import load_tokenizer
 
         self.method, self.stats, self.steps = method, stats, trajectory.steps
         self.max_new_tokens, self.batch_size, self.grade = max_new_tokens, batch_size, load_grader(grader)
@@ -219,6 +223,7 @@ class ModelScorer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.problems = render_items(list(items), self.tokenizer)
+        check_prompts(self.problems, list(items), self.tokenizer, context_length(trajectory.base, None), trajectory.base)
         self.loaded: Candidate | None | str = "nothing"
         self.seen: dict[Candidate | None, dict[int, bool]] = {}
 
@@ -230,7 +235,7 @@ class ModelScorer:
         return {name: c.shrink * self.method.weights(s, [c.target])[0] for name, s in self.stats.items()}
 
     def __call__(self, c: Candidate | None, indices: np.ndarray) -> np.ndarray:
-        from relex.lab.evaluate import greedy_completions
+        from relex.eval.scoring import greedy_completions
 
         seen = self.seen.setdefault(c, {})
         todo = [int(i) for i in indices if int(i) not in seen]
@@ -340,7 +345,7 @@ def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path
     from tqdm.auto import tqdm
 
     from relex.jsonout import dumps_strict
-    from relex.lab.dataset_eval import read_dataset
+    from relex.eval.dataset import read_dataset
     from relex.materialize import compute_stats, extrapolate
     from relex.methods.base import DirectMethod
     from relex.tempfiles import temp_path

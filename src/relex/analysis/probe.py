@@ -28,6 +28,7 @@ import torch
 from relex.analysis.backtest import default_settings
 from relex.analysis.metrics import mean_stderr
 from relex.errors import RelexError
+from relex.eval.chat import render
 from relex.materialize.engine import _check_device
 from relex.materialize.stream import DeltaStream, all_finite
 from relex.stats.gram import TensorStats
@@ -113,7 +114,7 @@ class Probe:
             import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
-            raise RelexError("--probe runs the models: it needs transformers (pip install 'relex-rlvr[lab]')") from None
+            raise RelexError("--probe runs the models: it needs transformers (pip install 'relex-rlvr[eval]')") from None
         transformers.utils.logging.disable_progress_bar()  # relex draws its own; its errors are one line
         transformers.utils.logging.set_verbosity_error()
         self.trajectory = trajectory
@@ -131,9 +132,8 @@ class Probe:
         steps = trajectory.steps
         self.loader.load(self.real, steps, np.eye(len(steps))[-1])
         texts = list(prompts)
-        if not raw_prompts and getattr(tokenizer, "chat_template", None):
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in texts]
+        if not raw_prompts:
+            texts = [render(tokenizer, p) for p in texts]
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -15,14 +15,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
 from relex.errors import RelexError
-from relex.lab.evaluate import Score
-from relex.lab.grading import grade
-from relex.lab.tasks import Problem
+from relex.eval.chat import render
 
+if TYPE_CHECKING:
+    from relex.eval.scoring import Score
 
 # No tokenizer packs text this tightly: a prompt longer than this many characters per context token is refused
 # untokenized (tokenizing 4M characters took 9 s, generating from them would allocate terabytes).
@@ -30,15 +31,16 @@ MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
-class Item:
-    """One dataset line: the raw question, its reference answer, and ``FILE:LINE`` for messages."""
+class Problem:
+    """One prompt and its reference answer, both plain strings (``where``: ``FILE:LINE`` for messages): a dataset
+    line, a lab task's problem, and once rendered for a tokenizer, what a model is scored on."""
 
     prompt: str
     answer: str
     where: str = field(default="", compare=False)
 
 
-def read_dataset(path: Path) -> list[Item]:
+def read_dataset(path: Path) -> list[Problem]:
     """The items of a JSONL file with ``prompt`` and ``answer`` fields; a bad line is a RelexError naming it."""
     path = Path(path)
     if not path.is_file():
@@ -53,8 +55,8 @@ def read_dataset(path: Path) -> list[Item]:
     return items
 
 
-def _item(raw: bytes, where: str) -> Item:
-    """One non-blank line as an Item; RelexError ``FILE:LINE: ...`` for anything ``score_dataset`` cannot use."""
+def _item(raw: bytes, where: str) -> Problem:
+    """One non-blank line as an Problem; RelexError ``FILE:LINE: ...`` for anything ``score_dataset`` cannot use."""
     try:
         row = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -67,7 +69,7 @@ def _item(raw: bytes, where: str) -> Item:
         raise RelexError(f"{where}: need a JSON object with a string 'prompt' and an 'answer'")
     if not row["prompt"].strip():
         raise RelexError(f"{where}: empty 'prompt'")
-    return Item(row["prompt"], _answer_text(row["answer"], where), where)
+    return Problem(row["prompt"], _answer_text(row["answer"], where), where)
 
 
 def _answer_text(answer: object, where: str) -> str:
@@ -79,7 +81,7 @@ def _answer_text(answer: object, where: str) -> str:
     raise RelexError(f"{where}: 'answer' must be a non-empty string or a number, not {json.dumps(answer)[:40]}")
 
 
-def write_dataset(path: Path, items: list[Item]) -> None:
+def write_dataset(path: Path, items: list[Problem]) -> None:
     """Write ``items`` as JSONL (the format `read_dataset` reads)."""
     Path(path).write_text("".join(json.dumps({"prompt": i.prompt, "answer": i.answer}) + "\n" for i in items))
 
@@ -93,18 +95,17 @@ class FileTask:
 
     @staticmethod
     def verify(completion: str, answer: str) -> bool:
+        from relex.eval.grading import grade  # math-verify, imported only to grade
+
         return grade(completion, answer)
 
 
-def render_items(items: list[Item], tokenizer) -> list[Problem]:
-    """Problems whose prompts are the items rendered with the tokenizer's chat template (raw without one)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [Problem(i.prompt, i.answer) for i in items]
-    return [Problem(tokenizer.apply_chat_template([{"role": "user", "content": i.prompt}], tokenize=False,
-                                                  add_generation_prompt=True), i.answer) for i in items]
+def render_items(items: list[Problem], tokenizer) -> list[Problem]:
+    """The problems with their prompts rendered for ``tokenizer`` (``relex.eval.chat.render``)."""
+    return [Problem(render(tokenizer, i.prompt), i.answer, i.where) for i in items]
 
 
-def check_prompts(problems: list[Problem], items: list[Item], tokenizer, context: int | None, model_dir: Path) -> None:
+def check_prompts(problems: list[Problem], items: list[Problem], tokenizer, context: int | None, model_dir: Path) -> None:
     """Refuse a rendered prompt longer than the model's context (``context`` tokens; None: unknown), naming its line."""
     if context is None:
         return
@@ -151,9 +152,12 @@ def check_backend(backend: str) -> None:
         raise RelexError("--backend vllm needs the vllm package and a CUDA GPU; use --backend hf")
 
 
-def score_vllm(model_dir: Path, problems: list[Problem], max_new_tokens: int) -> Score:
+def score_vllm(model_dir: Path, problems: list[Problem], max_new_tokens: int) -> "Score":
     """Greedy pass@1 with vLLM (one engine per model folder)."""
     from vllm import LLM, SamplingParams
+
+    from relex.eval.grading import grade
+    from relex.eval.scoring import Score
 
     llm = LLM(model=str(model_dir), dtype="auto", seed=0)
     outputs = llm.generate([p.prompt for p in problems], SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
@@ -161,15 +165,15 @@ def score_vllm(model_dir: Path, problems: list[Problem], max_new_tokens: int) ->
     return Score(tuple(grade(t, p.answer) for t, p in zip(texts, problems, strict=True)))
 
 
-def score_dataset(model_dirs: list[Path], items: list[Item], backend: str = "hf", max_new_tokens: int = 512,
+def score_dataset(model_dirs: list[Path], items: list[Problem], backend: str = "hf", max_new_tokens: int = 512,
                   batch_size: int = 64, tokenizer_dir: Path | None = None, adapter_base: Path | None = None,
-                  quiet: bool = False) -> dict[Path, Score]:
+                  quiet: bool = False) -> "dict[Path, Score]":
     """Greedy pass@1 of each model folder on ``items`` (math-verify), with the chosen backend; every folder's
     weight files and rendered prompts are checked before the first model runs."""
     import torch
     from tqdm.auto import tqdm
 
-    from relex.lab.evaluate import load_model, load_tokenizer, score_model
+    from relex.eval.scoring import load_model, load_tokenizer, score_model
 
     check_backend(backend)
     if adapter_base is not None:
@@ -182,7 +186,7 @@ def score_dataset(model_dirs: list[Path], items: list[Item], backend: str = "hf"
         check_prompts(task.heldout, items, tokenizer, context_length(d, adapter_base), d)
         prepared[d] = tokenizer, task
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scores: dict[Path, Score] = {}
+    scores = {}
     for d, (tokenizer, task) in tqdm(prepared.items(), desc="eval", disable=quiet, leave=False):
         if backend == "vllm":
             scores[d] = score_vllm(d, task.heldout, max_new_tokens)

@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quiet_libraries(args.quiet or args.score_only)
     if args.dataset is not None:
         return _eval_dataset(args)
-    from relex.lab.dataset_eval import check_weight_files
+    from relex.eval.dataset import check_weight_files
 
     for folder in [*args.models, *pair]:  # a truncated file is named here, not in a transformers traceback
         check_weight_files(folder)
@@ -211,7 +211,7 @@ def _print_scores(scores: dict, args: argparse.Namespace, metric: str) -> None:
 def _eval_dataset(args: argparse.Namespace) -> int:
     """``relex eval MODEL... --dataset FILE.jsonl``: greedy pass@1 graded by math-verify, with its standard error."""
     from relex.errors import RelexError
-    from relex.lab.dataset_eval import read_dataset, score_dataset
+    from relex.eval.dataset import read_dataset, score_dataset
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise RelexError(f"--max-new-tokens {args.max_new_tokens} and --batch-size {args.batch_size} must be >= 1")

@@ -230,8 +230,8 @@ def run_lab(profile: Profile, out: Path, seed: int = 0, overwrite: bool = False,
 def write_verify_set(path: Path, task, seed: int) -> None:
     """``relex extrapolate --verify``'s problems for this run: drawn like training problems (never held-out
     ones, which stay the test set), by a seed of their own."""
-    from relex.lab.dataset_eval import Item, write_dataset
+    from relex.eval.dataset import write_dataset
 
     rng = random.Random(f"verify:{seed}")
     problems = {p.prompt: p for p in task.sample_many(4 * VERIFY_SIZE, rng)}  # distinct prompts
-    write_dataset(path, [Item(p.prompt, p.answer) for p in list(problems.values())[:VERIFY_SIZE]])
+    write_dataset(path, list(problems.values())[:VERIFY_SIZE])

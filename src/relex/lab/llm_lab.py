@@ -68,7 +68,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from relex.lab.dataset_eval import Item, write_dataset
+    from relex.eval.dataset import Problem, write_dataset
     from relex.lab.math_task import MathTask, chat_renderer
     from relex.lab.model import count_parameters
     from relex.lab.pretrained import MODELS, ensure_model
@@ -88,7 +88,7 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         task = MathTask(chat_renderer(tokenizer), profile.heldout_size, max_new_tokens=profile.max_new_tokens,
                         word_share=profile.word_share, kinds=profile.kinds)
-        write_dataset(tmp / "heldout.jsonl", [Item(q, a) for q, a in task.heldout_messages()])
+        write_dataset(tmp / "heldout.jsonl", [Problem(q, a) for q, a in task.heldout_messages()])
         with clock.phase("rl"):
             set_seed(seed)
             policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

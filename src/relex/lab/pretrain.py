@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from relex.lab.evaluate import score_model
+from relex.eval.scoring import score_model
 from relex.lab.profiles import PretrainConfig
-from relex.lab.tasks import Problem, Task
+from relex.eval.dataset import Problem
+from relex.lab.tasks import Task
 
 
 @dataclass(frozen=True)

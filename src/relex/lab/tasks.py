@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Problem:
-    """One prompt and its reference answer, both plain strings."""
-
-    prompt: str
-    answer: str
+from relex.eval.dataset import Problem
 
 
 class Task(ABC):

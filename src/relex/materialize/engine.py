@@ -19,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 import relex
-from relex.analysis.diagnostics import idle_steps, idle_warning, whole_model
+from relex.analysis.diagnostics import idle_steps, idle_warning, quantized_warning, whole_model
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
 from relex.materialize.stream import DeltaStream, all_finite, budget_bytes
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
 from relex.trajectory import StackedDeltas, TensorSpec, Trajectory
+from relex.trajectory.precision import looks_quantized, quantized_deltas
 from relex.units import parse_size
 from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name, publish_all,
                           warn_if_no_tokenizer)
@@ -45,6 +46,16 @@ def _cache(trajectory: Trajectory, cache: str | Path | bool | None) -> StatsCach
     base_fp = trajectory.reader(trajectory.base).fingerprint()
     fps = {c.step: trajectory.reader(c.path).fingerprint() for c in trajectory.checkpoints}
     return StatsCache(folder, base_fp, fps)
+
+
+def check_precision(trajectory: Trajectory) -> dict:
+    """Sample the deltas for quantization (``trajectory.precision``) and warn once per trajectory and its windows
+    (``--auto`` computes statistics, then extrapolates: one warning); returns the check for the record."""
+    check = quantized_deltas(trajectory)
+    if looks_quantized(check) and "quantized" not in trajectory.warned:
+        trajectory.warned.add("quantized")
+        log.warning("%s", quantized_warning(check))
+    return check
 
 
 def _check_device(device: str) -> str:
@@ -70,6 +81,7 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
     (``executor="ray"``: computed by Ray tasks, the same numbers)."""
     ray = _ray_executor(executor, None, device, ray_address)
     specs = specs if specs is not None else trajectory.tensor_specs()
+    check_precision(trajectory)
     store = _cache(trajectory, cache)
     loaded = store.load(trajectory.steps) if store else None
     if loaded is not None and specs.keys() <= loaded.keys():
@@ -119,6 +131,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
     if dtype is not None and dtype not in DTYPES:
         raise RelexError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     specs = trajectory.tensor_specs()
+    precision = check_precision(trajectory)
     config = trajectory.base_config()
     warn_if_no_tokenizer(trajectory.base)
     out_dtype = {n: DTYPES[dtype] if dtype and s.dtype.is_floating_point else s.dtype for n, s in specs.items()}
@@ -153,7 +166,9 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
             log.warning("the observed window has idle steps: %s", idle_warning(idle, len(trajectory.steps)))
         metas = [{"relex_version": relex.__version__, "method": method.name, "params": method.params(),
                   "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base.resolve()),
-                  "dtype": dtype or "input", "trajectory_summary": summary, **(run_info or {})} for target in targets]
+                  "dtype": dtype or "input", "stored_dtypes": trajectory.stored_dtypes(),
+                  "quantized_deltas": precision, "trajectory_summary": summary, **(run_info or {})}
+                 for target in targets]
         publish_all(writers, metas, overwrite)
     except BaseException:
         for writer in writers:

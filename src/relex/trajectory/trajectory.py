@@ -45,6 +45,7 @@ class Trajectory:
     allow_pickle: bool = False
     run: Path | None = None  # the run folder the checkpoints were discovered in, if any
     _readers: dict[Path, Reader] = field(default_factory=dict, repr=False)
+    warned: set[str] = field(default_factory=set, repr=False)  # warnings given once, shared with observed() windows
 
     @classmethod
     def discover(cls, base: str | Path, run: str | Path | None = None,
@@ -90,7 +91,7 @@ class Trajectory:
             raise RelexError(f"only {len(kept)} checkpoint(s) observed up to cutoff {cutoff}: "
                              f"{need} (steps found: "
                              f"{', '.join(map(str, self.steps[:8]))}{'...' if len(self.steps) > 8 else ''})")
-        return Trajectory(self.base, kept, self.allow_pickle, self.run, self._readers)
+        return Trajectory(self.base, kept, self.allow_pickle, self.run, self._readers, self.warned)
 
     def reader(self, folder: Path) -> Reader:
         """The folder's reader: a PEFT LoRA adapter checkpoint reads as deltas of the base's tensors; whole weights
