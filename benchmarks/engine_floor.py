@@ -6,6 +6,8 @@ subtraction of the base (exact deltas), the Gram matrix's products, and the weig
 rounding once to the stored dtype. Per input element, summed over the two passes (Gram, then sums), divided by
 the cores, that is the least time the exact float64 engine needs, with no reads, writes, start-up or
 imbalance; ``cat`` of a page-cached file of the same bytes gives the read rate the issue's goals compare with.
+The two passes are timed on torch's kernels and on the fused ones (materialize/kernels.py, where numba is
+installed), and the floor is given for each.
 
     python benchmarks/engine_floor.py --dtype bfloat16 --checkpoints 8
     python benchmarks/engine_floor.py --dtype float32 --checkpoints 8 --run /tmp/q05   # + the floor for that run
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_extrapolate import lab_run  # noqa: E402
 
-from relex.materialize.stream import Block, _chunk_columns  # noqa: E402
+from relex.materialize.stream import Block, _chunk_columns, fused_kernels  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -52,6 +54,8 @@ def stage_seconds(dtype: torch.dtype, n_steps: int, numel: int, repeat: int) -> 
     rows = torch.stack([base] + [base + 1e-3 * torch.randn(numel, generator=gen) for _ in range(n_steps)]).to(dtype)
     scratch = torch.empty(n_steps + 1, _chunk_columns(n_steps), dtype=torch.float64)
     block = Block(rows, False, rows[0], torch.device("cpu"), [scratch])
+    kernels = fused_kernels()
+    fused = Block(rows, False, rows[0], torch.device("cpu"), [scratch], kernels=kernels)
     weights = np.linspace(0.5, 2.0, n_steps)[None, :] / n_steps
     out = [torch.empty(numel, dtype=dtype)]
 
@@ -59,10 +63,27 @@ def stage_seconds(dtype: torch.dtype, n_steps: int, numel: int, repeat: int) -> 
         for c0, c1 in block.spans:
             scratch[:, :c1 - c0].copy_(rows[:, c0:c1])
 
-    return {"convert": best_of(repeat, convert),
-            "convert + subtract": best_of(repeat, lambda: block.map_chunks(lambda *_: None)),
-            "Gram pass": best_of(repeat, block.gram),
-            "sums pass": best_of(repeat, lambda: block.weighted_sums(weights, out))}
+    seconds = {"convert": best_of(repeat, convert),
+               "convert + subtract": best_of(repeat, lambda: block.map_chunks(lambda *_: None)),
+               "Gram pass": best_of(repeat, block.gram),
+               "sums pass": best_of(repeat, lambda: block.weighted_sums(weights, out))}
+    if fused.kernels is not None:
+        fused.gram()  # compiled (or loaded from numba's cache) before it is timed
+        seconds |= {"fused Gram pass": best_of(repeat, fused.gram),
+                    "fused sums pass": best_of(repeat, lambda: fused.weighted_sums(weights, out))}
+    return seconds
+
+
+def first_call_seconds(dtype: torch.dtype, n_steps: int) -> float:
+    """Seconds of a fresh process's first fused Gram and sums calls on a tiny block: numba's import and its
+    cache load (or, the first time on a machine, its compilation), the fixed cost the fused path adds."""
+    code = (f"import time, numpy as np, torch; from relex.materialize.stream import Block, fused_kernels\n"
+            f"rows = torch.zeros({n_steps + 1}, 64, dtype=torch.{str(dtype).removeprefix('torch.')})\n"
+            f"start = time.perf_counter(); b = Block(rows, False, rows[0], torch.device('cpu'), "
+            f"[torch.empty({n_steps + 1}, 64, dtype=torch.float64)], kernels=fused_kernels()); b.gram(); "
+            f"b.weighted_sums(np.ones((1, {n_steps})), [torch.empty(64, dtype=rows.dtype)]); "
+            f"print(time.perf_counter() - start)")
+    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
 def cat_seconds(paths: list[str], repeat: int) -> float:
@@ -89,6 +110,8 @@ def main() -> None:
     elements = (args.checkpoints + 1) * args.numel
     ns = {stage: 1e9 * s / elements for stage, s in seconds.items()}
     floor_ns = (ns["Gram pass"] + ns["sums pass"]) / args.cores  # per input element, both passes, every core busy
+    fused_ns = (ns["fused Gram pass"] + ns["fused sums pass"]) / args.cores if "fused Gram pass" in ns else None
+    first_call = first_call_seconds(dtype, args.checkpoints) if fused_ns is not None else None
     if args.run:
         _, _, params, steps, files, _ = lab_run(args.run, None)
         run_elements = params * (len(steps) + 1)  # the base and every checkpoint store every tensor
@@ -107,14 +130,20 @@ def main() -> None:
     for stage, value in ns.items():
         print(f"  {stage:20s} {value:6.2f}")
     print(f"cat: {cat_ns:.2f} ns per element ({run_elements * dtype.itemsize / cat / 1e9:.1f} GB/s)")
-    print(f"floor on {args.cores} cores, both passes, nothing else: {floor_ns:.2f} ns per element = "
-          f"{floor_ns / cat_ns:.1f}x cat" + (f" = {floor_ns * run_elements / 1e9:.2f} s for {args.run}"
-                                             if args.run else ""))
+    for name, value in [("torch", floor_ns), ("fused", fused_ns)]:
+        if value is not None:
+            print(f"{name} floor on {args.cores} cores, both passes, nothing else: {value:.2f} ns per element = "
+                  f"{value / cat_ns:.1f}x cat" + (f" = {value * run_elements / 1e9:.2f} s for {args.run}"
+                                                  if args.run else ""))
+    if first_call is not None:
+        print(f"fused kernels' first call in a fresh process (numba import + cache load): {first_call:.2f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "dtype": args.dtype, "checkpoints": args.checkpoints, "numel": args.numel, "cores": args.cores,
         "ns_per_element": ns, "cat_ns_per_element": cat_ns, "floor_ns_per_element": floor_ns,
-        "floor_over_cat": floor_ns / cat_ns, "run": str(args.run) if args.run else None, "run_elements": run_elements,
+        "floor_over_cat": floor_ns / cat_ns, "fused_floor_ns_per_element": fused_ns,
+        "fused_floor_over_cat": fused_ns / cat_ns if fused_ns else None, "fused_first_call_seconds": first_call,
+        "run": str(args.run) if args.run else None, "run_elements": run_elements,
         "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
         "torch": torch.__version__}, indent=2))
     print(f"wrote {args.json}")

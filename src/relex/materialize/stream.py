@@ -6,8 +6,10 @@ core side by side, and uses them before they leave the cache: converting twice t
 keeping a float64 stack in memory, and a block costs its stored bytes, not 8 bytes a value. Upcasting to
 float64 is exact and so is the subtraction: the deltas are the stored values' exact differences, and the
 Gram matrix and weighted sums are reduced in float64, chunk results combined in column order whatever the
-thread count. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and is kept as
-such, never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation), so memory stays
+thread count. On a CPU both passes are fused numba kernels where numba is installed (``kernels``: convert,
+subtract and reduce in one pass over a cache-resident tile, the same bytes out), torch's otherwise or with
+``RELEX_KERNELS=torch``. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and is
+kept as such, never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation), so memory stays
 at the budget whatever the model size."""
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -33,6 +37,7 @@ CHUNK_BYTES = 2 << 20      # float64 bytes of one chunk of deltas (T+1 x columns
                            # conversion and its products (measured: 1.3-1.9x faster than one float64 stack)
 ROW_KEYS = ("arena", "base-raw", "base64")  # the buffers ``DeltaStream.load`` reads a block's rows into
 SLOW_BUDGET = 2 * FIXED_OVERHEAD  # below it a large tensor is read a few rows per block (measured: 30 min vs 6 s)
+KERNELS_ENV = "RELEX_KERNELS"  # "torch" takes torch's kernels where the fused ones would run (tests, benchmarks)
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -51,6 +56,18 @@ def _single_threaded_ops() -> None:
         return
     if set_threads is not None:
         set_threads(1)
+
+
+def fused_kernels() -> ModuleType | None:
+    """The fused CPU kernels (materialize/kernels.py), or None where numba is not installed or
+    ``RELEX_KERNELS=torch``. Imported on first use: a command that computes nothing does not pay numba's import."""
+    if os.environ.get(KERNELS_ENV, "").strip().lower() == "torch":
+        return None
+    try:
+        from relex.materialize import kernels
+    except ImportError:
+        return None
+    return kernels
 
 
 def budget_bytes(memory_budget: str | int) -> int:
@@ -83,12 +100,17 @@ class Block:
     weights, or their float64 deltas (T x n) when some are adapters (``holds_deltas``). The float64 deltas
     are made in ``scratches``: one buffer per worker thread, each a cache-sized chunk of columns at a time
     (converted again by every pass: cheaper than a float64 stack in memory), or a single buffer that holds
-    the whole block (converted once: on a GPU, and for methods that need the whole stack).
+    the whole block (converted once: on a GPU, and for methods that need the whole stack). Given ``kernels``
+    (``fused_kernels()``), stored rows of a dtype they read skip the scratches: each pass is one fused kernel.
     """
 
     def __init__(self, rows: torch.Tensor, holds_deltas: bool, base: torch.Tensor, device: torch.device,
-                 scratches: list[torch.Tensor], pool: ThreadPoolExecutor | None = None) -> None:
+                 scratches: list[torch.Tensor], pool: ThreadPoolExecutor | None = None,
+                 kernels: ModuleType | None = None) -> None:
         self.rows, self.holds_deltas, self.base, self.device = rows, holds_deltas, base, device
+        covered = (kernels is not None and not holds_deltas and device.type == "cpu" and rows.is_contiguous()
+                   and rows.dtype in kernels.STORED_DTYPES)
+        self.kernels = kernels if covered else None
         self.n_steps = rows.shape[0] - (0 if holds_deltas else 1)
         self.numel = rows.shape[1]
         self.scratches, self.pool = scratches, pool
@@ -108,21 +130,32 @@ class Block:
                 work[1:].sub_(work[0])
         return work[1:], work[0]
 
-    def map_chunks(self, fn: Callable[[int, torch.Tensor, torch.Tensor], R]) -> list[R]:
-        """``fn(first column, deltas, base)`` of every chunk, in column order; the worker threads (one per
-        scratch) take contiguous runs of chunks, so each result is the same whatever the thread count."""
+    def map_spans(self, fn: Callable[[int, int, int], R]) -> list[R]:
+        """``fn(worker, c0, c1)`` of every span of columns, in column order; the worker threads (one per scratch)
+        take contiguous runs of spans, so each result is the same whatever the thread count."""
         workers = min(len(self.scratches), len(self.spans))
         cuts = [len(self.spans) * i // workers for i in range(workers + 1)]
 
         def run(i: int) -> list[R]:
-            return [fn(c0, *self._deltas(self.scratches[i], c0, c1)) for c0, c1 in self.spans[cuts[i]:cuts[i + 1]]]
+            return [fn(i, c0, c1) for c0, c1 in self.spans[cuts[i]:cuts[i + 1]]]
 
         runs = list(self.pool.map(run, range(workers))) if workers > 1 else [run(0)]
-        self._converted = len(self.spans) == 1
         return [result for part in runs for result in part]
+
+    def map_chunks(self, fn: Callable[[int, torch.Tensor, torch.Tensor], R]) -> list[R]:
+        """``fn(first column, deltas, base)`` of every chunk, in column order (``map_spans``)."""
+        results = self.map_spans(lambda i, c0, c1: fn(c0, *self._deltas(self.scratches[i], c0, c1)))
+        self._converted = len(self.spans) == 1
+        return results
 
     def gram(self) -> torch.Tensor:
         """G = M M^T of the block's deltas (T x T, float64, on the CPU), the chunks' Grams summed in order."""
+        if self.kernels is not None:
+            rows, gram_span = self.kernels.raw(self.rows), self.kernels.gram_span
+            total = np.zeros((self.n_steps, self.n_steps))
+            for part in self.map_spans(lambda _, c0, c1: gram_span(rows, c0, c1)):
+                total += part
+            return torch.from_numpy(total)
         gram = torch.zeros(self.n_steps, self.n_steps, dtype=torch.float64, device=self.device)
         # a stacked block's Gram by cache-sized column chunks too: on a CPU, one matmul over an 8 x 4M stack
         # takes 2x as long (0.21 vs 0.10 s on one core); a GPU takes the whole block in one
@@ -141,7 +174,19 @@ class Block:
     def weighted_sums(self, weights: np.ndarray, outs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Fill flat ``outs[j]`` with W_0 + sum_t weights[j, t] Delta_t, reduced in float64 and rounded once
         to its dtype."""
-        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device)
+        weights = np.ascontiguousarray(weights, dtype=np.float64)
+        if self.kernels is not None and all(out.device.type == "cpu" and out.dim() == 1 and out.is_contiguous()
+                                            and out.dtype in self.kernels.OUTPUT_DTYPES for out in outs):
+            rows, sums_span = self.kernels.raw(self.rows), self.kernels.sums_span
+            raw_outs = [self.kernels.raw(out) for out in outs]
+
+            def fused(_: int, c0: int, c1: int) -> None:
+                for row, out in zip(weights, raw_outs):
+                    sums_span(rows, row, out, c0, c1)
+
+            self.map_spans(fused)
+            return outs
+        w = torch.from_numpy(weights).to(self.device)
 
         def fill(c0: int, deltas: torch.Tensor, base: torch.Tensor) -> None:
             part = torch.mm(w, deltas).add_(base)
@@ -235,7 +280,8 @@ class DeltaStream:
             rows = self.buffer("rows-device", rows.shape, rows.dtype).copy_(rows)
             base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
             scratches = [self.buffer("scratch", (t + 1, columns))]
-        return Block(rows, self.holds_deltas, base, self.device, scratches, self._pool)
+        return Block(rows, self.holds_deltas, base, self.device, scratches, self._pool,
+                     None if whole else fused_kernels())
 
     @staticmethod
     def _read_into(reader, name: str, r0: int, r1: int, dest: torch.Tensor) -> torch.Tensor:
