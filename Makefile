@@ -42,11 +42,12 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_extrapolate.py --model small
 
-# Refresh requirements.lock after changing dependencies (pip-tools in a venv of its own).
+# Refresh requirements.lock after changing dependencies (pip-tools in a venv of its own); pins already in the
+# lock stay unless a change needs them to move (add --upgrade by hand to move everything).
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q pip-tools==7.6.2
-	.venv-lock/bin/pip-compile -q --upgrade $(PIP_COMPILE_FLAGS)
+	.venv-lock/bin/pip-compile -q $(PIP_COMPILE_FLAGS)
 
 clean:
 	rm -rf $(VENV) .venv-lock runs build src/*.egg-info

@@ -81,12 +81,12 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
     (``executor="ray"``: computed by Ray tasks, the same numbers)."""
     ray = _ray_executor(executor, None, device, ray_address)
     specs = specs if specs is not None else trajectory.tensor_specs()
-    check_precision(trajectory)
     store = _cache(trajectory, cache)
     loaded = store.load(trajectory.steps) if store else None
     if loaded is not None and specs.keys() <= loaded.keys():
         log.info("statistics for %d tensors loaded from %s", len(specs), store.path)
         return {name: loaded[name].named(name, spec.shape) for name, spec in specs.items()}
+    check_precision(trajectory)  # sampled reads: only when the checkpoints are read anyway (a cache hit reads none)
     stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device))
     stats = {}
     with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",

@@ -138,6 +138,15 @@ class _Location:
     offset: int
 
 
+def exact_delta(value: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W - W_0 in float64 from W's stored values and W_0's float64 ``base`` (the upcast and the subtraction are
+    exact), with ``base``'s shape and device; written into ``out`` when given (no temporary for a caller's stack)."""
+    value = value.reshape(base.shape)
+    if out is None:
+        return value.to(device=base.device, dtype=torch.float64) - base
+    return out.copy_(value).sub_(base)
+
+
 class CheckpointReader:
     """Tensor names, specs and row-block reads for one model folder.
 
@@ -230,10 +239,7 @@ class CheckpointReader:
         shape and device). The upcast and the subtraction are exact. Written into ``out`` when given, so a
         caller's stack needs no temporary; ``buffer`` as in ``read``.
         """
-        value = self.read(name, start, stop, buffer).reshape(base.shape)
-        if out is None:
-            return value.to(device=base.device, dtype=torch.float64) - base
-        return out.copy_(value).sub_(base)
+        return exact_delta(self.read(name, start, stop, buffer), base, out)
 
     def delta_factors(self, name: str) -> None:
         """None: a checkpoint of whole weights has its delta only as ``read_delta`` (an adapter's has factors)."""

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from relex.trajectory.reader import TensorSpec
+from relex.trajectory.reader import TensorSpec, exact_delta
 
 
 class WeightsReader(Protocol):
@@ -72,10 +72,7 @@ class Widened:
         stored = self.stored_specs[name]
         need = base.numel() * stored.dtype.itemsize
         value = self.inner.read(name, start, stop, buffer if buffer is not None and buffer.numel() >= need else None)
-        value = value.reshape(base.shape)
-        if out is None:
-            return value.to(device=base.device, dtype=torch.float64) - base
-        return out.copy_(value).sub_(base)
+        return exact_delta(value, base, out)
 
     def delta_factors(self, name: str) -> None:
         return None

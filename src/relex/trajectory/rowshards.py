@@ -15,7 +15,7 @@ import torch
 
 from relex.errors import RelexError
 from relex.trajectory.archive import StoredTensor, read_rows
-from relex.trajectory.reader import TensorSpec, file_fingerprint
+from relex.trajectory.reader import TensorSpec, exact_delta, file_fingerprint
 
 
 @dataclass
@@ -88,10 +88,7 @@ class RowShardReader:
     def read_delta(self, name: str, start: int = 0, stop: int | None = None, *, base: torch.Tensor,
                    out: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of W - W_0 in float64, exact (as CheckpointReader.read_delta)."""
-        value = self.read(name, start, stop, buffer).reshape(base.shape)
-        if out is None:
-            return value.to(device=base.device, dtype=torch.float64) - base
-        return out.copy_(value).sub_(base)
+        return exact_delta(self.read(name, start, stop, buffer), base, out)
 
     def delta_factors(self, name: str) -> None:
         """None: whole weights, no factors."""
