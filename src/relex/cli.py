@@ -55,6 +55,9 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="statistics cache folder (default ~/.cache/relex)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle checkpoints (weights_only=True)")
+    p.add_argument("--delta-dtype", choices=["float64", "float16"], default="float64",
+                   help="float64 (default): exact W_t - W_0; float16: the RELEX reference code's fp16 subtraction, "
+                        "to compare with published numbers (docs/methods.md)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: Ray tasks on every node that sees the files, "
                         "same results (pip install 'relex-rlvr[ray]'; docs/ray.md)")
@@ -224,9 +227,12 @@ def _refuse_writing_over_inputs(flag: str, path: Path | None, args: argparse.Nam
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
+    if args.delta_dtype != "float64" and (getattr(args, "probe", None) or getattr(args, "verify", None) is not None):
+        raise RelexError(f"--delta-dtype {args.delta_dtype} is for comparing with published numbers; --probe and "
+                         "--verify load candidates from exact deltas: use the default float64 with them")
     return {"memory_budget": args.memory_budget, "device": args.device,
             "cache": False if args.no_cache else args.cache, "progress": not args.quiet,
-            "executor": args.executor, "ray_address": args.ray_address}
+            "executor": args.executor, "ray_address": args.ray_address, "delta_dtype": args.delta_dtype}
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> int:

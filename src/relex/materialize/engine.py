@@ -39,13 +39,15 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _cache(trajectory: Trajectory, cache: str | Path | bool | None) -> StatsCache | None:
+def _cache(trajectory: Trajectory, cache: str | Path | bool | None,
+           delta_dtype: str = "float64") -> StatsCache | None:
+    """The statistics cache of this trajectory's base and checkpoints, for deltas made at ``delta_dtype``."""
     if cache is False:
         return None
     folder = default_cache_dir() if cache in (None, True) else Path(cache)
     base_fp = trajectory.reader(trajectory.base).fingerprint()
     fps = {c.step: trajectory.reader(c.path).fingerprint() for c in trajectory.checkpoints}
-    return StatsCache(folder, base_fp, fps)
+    return StatsCache(folder, base_fp, fps, delta_dtype)
 
 
 def check_precision(trajectory: Trajectory) -> dict:
@@ -76,18 +78,19 @@ def _check_device(device: str) -> str:
 def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = None, *,
                   memory_budget: str | int = "2GB", device: str = "cpu",
                   cache: str | Path | bool | None = None, progress: bool = True, executor: str = "local",
-                  ray_address: str | None = None) -> dict[str, TensorStats]:
+                  ray_address: str | None = None, delta_dtype: str = "float64") -> dict[str, TensorStats]:
     """Per-tensor Gram statistics of an observed trajectory, from the cache when it covers them
-    (``executor="ray"``: computed by Ray tasks, the same numbers)."""
+    (``executor="ray"``: computed by Ray tasks, the same numbers; ``delta_dtype="float16"``: of the RELEX
+    reference code's fp16 deltas, ``stream.DELTA_DTYPES``)."""
     ray = _ray_executor(executor, None, device, ray_address)
     specs = specs if specs is not None else trajectory.tensor_specs()
-    store = _cache(trajectory, cache)
+    store = _cache(trajectory, cache, delta_dtype)
     loaded = store.load(trajectory.steps) if store else None
     if loaded is not None and specs.keys() <= loaded.keys():
         log.info("statistics for %d tensors loaded from %s", len(specs), store.path)
         return {name: loaded[name].named(name, spec.shape) for name, spec in specs.items()}
     check_precision(trajectory)  # sampled reads: only when the checkpoints are read anyway (a cache hit reads none)
-    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device))
+    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device), delta_dtype=delta_dtype)
     stats = {}
     with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",
               unit_scale=True, desc="statistics", disable=not progress) as bar:
@@ -110,16 +113,21 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
                 memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
                 progress: bool = True, run_info: dict | None = None,
                 stats: dict[str, TensorStats] | None = None, executor: str = "local",
-                ray_address: str | None = None) -> list[Path]:
+                ray_address: str | None = None, delta_dtype: str = "float64") -> list[Path]:
     """Write ``out_dir/step-{T}`` for each target T from a fitted method: a loadable HF model folder each.
 
     The method's own observed trajectory (``method.fit``'s) is read; returns the folders. ``stats`` (from
     ``compute_stats`` on that trajectory) skips the Gram pass, cache or not. ``executor="ray"`` computes the
     tensors in Ray tasks (``ray_address``: ``ray.init``'s) with the same bytes written (``ray_executor``).
+    ``delta_dtype="float16"`` makes the deltas as the RELEX reference code does, to compare with published numbers
+    (weighted-sum methods only; ``stats``, if given, must be of the same deltas).
     """
     trajectory = getattr(method, "trajectory_", None)
     if trajectory is None:
         raise RelexError(f"{method.name}: fit the method on a trajectory before extrapolating")
+    if delta_dtype != "float64" and isinstance(method, DirectMethod):
+        raise RelexError(f"--delta-dtype {delta_dtype} reproduces the reference's weighted sums; --method "
+                         f"{method.name} reads its deltas exactly: use the default float64")
     targets = sorted(set(int(t) for t in targets))
     if not targets:
         raise RelexError("give at least one --target step")
@@ -137,9 +145,10 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
     out_dtype = {n: DTYPES[dtype] if dtype and s.dtype.is_floating_point else s.dtype for n, s in specs.items()}
     planned = [PlannedTensor(n, s.shape, out_dtype[n]) for n, s in specs.items()]
 
-    store = _cache(trajectory, cache)
+    store = _cache(trajectory, cache, delta_dtype)
     loaded = stats or (store.load(trajectory.steps) if store else None) or {}
-    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device), n_outputs=len(targets))
+    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device), n_outputs=len(targets),
+                         delta_dtype=delta_dtype)
     ray = _ray_executor(executor, method, device, ray_address)
     materialize = ray.materialize if ray else materialize_locally
     _warn_if_inside_run(out_dir, trajectory)
@@ -166,8 +175,9 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
             log.warning("the observed window has idle steps: %s", idle_warning(idle, len(trajectory.steps)))
         metas = [{"relex_version": relex.__version__, "method": method.name, "params": method.params(),
                   "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base.resolve()),
-                  "dtype": dtype or "input", "stored_dtypes": trajectory.stored_dtypes(),
-                  "quantized_deltas": precision, "trajectory_summary": summary, **(run_info or {})}
+                  "dtype": dtype or "input", "delta_dtype": delta_dtype,
+                  "stored_dtypes": trajectory.stored_dtypes(), "quantized_deltas": precision,
+                  "trajectory_summary": summary, **(run_info or {})}
                  for target in targets]
         publish_all(writers, metas, overwrite)
     except BaseException:

@@ -49,6 +49,7 @@ class RunContext:
     budget: int  # the local executor's memory budget: the same row blocks, hence the same sums
     version: str  # the driver's relex: a node running another one could write other bytes
     key: str  # tells this run's tasks from another's in a reused worker process
+    delta_dtype: str  # the driver's stream's: exact float64 or the reference's float16 deltas
 
 
 def _portable(trajectory: Trajectory) -> Trajectory:
@@ -75,7 +76,7 @@ def _worker_stream(context: RunContext) -> DeltaStream:
                              "install the same relex on every node")
         _WORKER_STREAM.clear()
         _WORKER_STREAM[context.key] = DeltaStream(context.trajectory, context.budget, "cpu",
-                                                  n_outputs=len(context.targets))
+                                                  n_outputs=len(context.targets), delta_dtype=context.delta_dtype)
     return _WORKER_STREAM[context.key]
 
 
@@ -200,7 +201,7 @@ class _Tasks:
         trajectory = _portable(stream.trajectory)
         shipped = _portable_method(method, trajectory) if method is not None else None
         self.context = ray.put(RunContext(trajectory, shipped, targets or [], stream.budget, relex.__version__,
-                                          uuid.uuid4().hex))
+                                          uuid.uuid4().hex, stream.delta_dtype))
         self._check_memory()
         self.gram_task = ray.remote(gram_task).options(memory=stream.budget)
         self.values_task = ray.remote(values_task).options(memory=stream.budget)

@@ -10,7 +10,9 @@ thread count. On a CPU both passes are fused numba kernels where numba is instal
 subtract and reduce in one pass over a cache-resident tile, the same bytes out), torch's otherwise or with
 ``RELEX_KERNELS=torch``. A LoRA checkpoint's delta (B @ A * scale, ``read_delta``) is float64 already and is
 kept as such, never a rounded W_0 + delta minus W_0. Buffers are reused (no per-tensor allocation), so memory stays
-at the budget whatever the model size."""
+at the budget whatever the model size. ``delta_dtype="float16"`` makes the deltas as the RELEX reference code does
+(W_t and W_0 rounded to fp16, subtracted in fp16; an adapter's W_t is W_0 + B @ A * scale), then float64 from there
+on, for comparison with published numbers: torch's path only (the fused kernels make exact deltas)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from relex.errors import RelexError
-from relex.materialize.rounding import cast_into
+from relex.materialize.rounding import cast_into, round_once
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
 from relex.trajectory.deltas import BLOCK_KEYS
@@ -38,6 +40,7 @@ CHUNK_BYTES = 2 << 20      # float64 bytes of one chunk of deltas (T+1 x columns
 ROW_KEYS = ("arena", "base-raw", "base64")  # the buffers ``DeltaStream.load`` reads a block's rows into
 SLOW_BUDGET = 2 * FIXED_OVERHEAD  # below it a large tensor is read a few rows per block (measured: 30 min vs 6 s)
 KERNELS_ENV = "RELEX_KERNELS"  # "torch" takes torch's kernels where the fused ones would run (tests, benchmarks)
+DELTA_DTYPES = {"float64": torch.float64, "float16": torch.float16}  # float64: exact; float16: the reference's
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -93,6 +96,17 @@ def _chunk_columns(n_steps: int) -> int:
     return max(1, CHUNK_BYTES // (8 * (n_steps + 1)))
 
 
+def _round_deltas_float16(work: torch.Tensor) -> None:
+    """Replace the exact deltas ``work[1:]`` (W_0 in ``work[0]``) by the RELEX reference code's: fp16(W_t) - fp16(W_0),
+    subtracted in fp16, with W_t = W_0 + delta (its stored value: the deltas are exact) correctly rounded to fp16;
+    a cache-sized run of columns at a time, so the temporaries stay small whatever the block."""
+    width = _chunk_columns(work.shape[0] - 1)
+    for c0 in range(0, work.shape[1], width):
+        chunk = work[:, c0:c0 + width]
+        weights = round_once(chunk[1:] + chunk[0], torch.float16)
+        chunk[1:].copy_(weights.sub_(round_once(chunk[0], torch.float16)))
+
+
 class Block:
     """Rows r0:r1 of one tensor in the base and every observed checkpoint, with float64 deltas by chunk.
 
@@ -102,14 +116,16 @@ class Block:
     (converted again by every pass: cheaper than a float64 stack in memory), or a single buffer that holds
     the whole block (converted once: on a GPU, and for methods that need the whole stack). Given ``kernels``
     (``fused_kernels()``), stored rows of a dtype they read skip the scratches: each pass is one fused kernel.
+    ``delta_dtype`` float16: each delta is fp16(W_t) - fp16(W_0) in fp16 (the reference's), then float64.
     """
 
     def __init__(self, rows: torch.Tensor, holds_deltas: bool, base: torch.Tensor, device: torch.device,
                  scratches: list[torch.Tensor], pool: ThreadPoolExecutor | None = None,
-                 kernels: ModuleType | None = None) -> None:
+                 kernels: ModuleType | None = None, delta_dtype: torch.dtype = torch.float64) -> None:
         self.rows, self.holds_deltas, self.base, self.device = rows, holds_deltas, base, device
+        self.delta_dtype = delta_dtype
         covered = (kernels is not None and not holds_deltas and device.type == "cpu" and rows.is_contiguous()
-                   and rows.dtype in kernels.STORED_DTYPES)
+                   and rows.dtype in kernels.STORED_DTYPES and delta_dtype == torch.float64)
         self.kernels = kernels if covered else None
         self.n_steps = rows.shape[0] - (0 if holds_deltas else 1)
         self.numel = rows.shape[1]
@@ -128,6 +144,8 @@ class Block:
             else:
                 work.copy_(self.rows[:, c0:c1])
                 work[1:].sub_(work[0])
+            if self.delta_dtype == torch.float16:
+                _round_deltas_float16(work)
         return work[1:], work[0]
 
     def map_spans(self, fn: Callable[[int, int, int], R]) -> list[R]:
@@ -205,7 +223,10 @@ class Block:
 class DeltaStream:
     """Block planning and block reads for the tensors of an observed trajectory."""
 
-    def __init__(self, trajectory: Trajectory, memory_budget: int, device: str = "cpu", n_outputs: int = 0) -> None:
+    def __init__(self, trajectory: Trajectory, memory_budget: int, device: str = "cpu", n_outputs: int = 0,
+                 delta_dtype: str = "float64") -> None:
+        if delta_dtype not in DELTA_DTYPES:
+            raise RelexError(f"--delta-dtype {delta_dtype}: choose one of {', '.join(DELTA_DTYPES)}")
         self.trajectory = trajectory
         self.base = trajectory.reader(trajectory.base)
         self.readers = [trajectory.reader(c.path) for c in trajectory.checkpoints]
@@ -214,6 +235,7 @@ class DeltaStream:
         self.n_outputs = n_outputs  # targets written per tensor: their values share the budget with the rows
         self.device = torch.device(device)
         self.holds_deltas = not all(r.stores_weights for r in self.readers)
+        self.delta_dtype = delta_dtype
         self._buffers = BufferPool(self.device)
         # files are read, and chunks computed, side by side (both release the GIL): a thread per core
         self.workers = max(1, torch.get_num_threads())
@@ -281,7 +303,7 @@ class DeltaStream:
             base = self.buffer("base-device", base.shape, base.dtype).copy_(base)
             scratches = [self.buffer("scratch", (t + 1, columns))]
         return Block(rows, self.holds_deltas, base, self.device, scratches, self._pool,
-                     None if whole else fused_kernels())
+                     None if whole else fused_kernels(), DELTA_DTYPES[self.delta_dtype])
 
     @staticmethod
     def _read_into(reader, name: str, r0: int, r1: int, dest: torch.Tensor) -> torch.Tensor:
@@ -312,6 +334,10 @@ class DeltaStream:
             return
         base_bad = any(not all_finite(self.base.read(name, r0, r1)) for r0, r1 in self.blocks(spec))
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
+        if self.delta_dtype == "float16" and all(all_finite(culprit.read(name, r0, r1))
+                                                 for r0, r1 in self.blocks(spec)):
+            raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' overflows float16 (beyond 65504) under "
+                             "--delta-dtype float16; use the default float64")
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")
 
     def deltas(self, name: str) -> ReadDeltas:

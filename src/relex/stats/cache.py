@@ -7,6 +7,8 @@ entry unchanged: the Gram of any subset of steps is a sub-block, so a sweep of c
 An entry may hold unknown (NaN) inner products, between checkpoints never on disk together (``relex
 watch`` after the trainer rotated one away): a request whose sub-block holds one is a miss.
 The cache is an optimisation: one that cannot be read or written is warned about and skipped.
+Grams of the exact deltas and of ``--delta-dtype float16``'s rounded ones live in separate entries, each
+recording its delta dtype (an entry without one is exact): neither is ever served for the other.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from relex.tempfiles import building, sweep
 log = logging.getLogger(__name__)
 
 FORMAT = "relex-stats-2"  # 2: fingerprints carry ctime and inode
+EXACT = "float64"  # the deltas' dtype by default (exact W_t - W_0), and of entries that record none
 
 
 def default_cache_dir() -> Path:
@@ -39,11 +42,14 @@ def default_cache_dir() -> Path:
 class StatsCache:
     """Load and save the Gram statistics of a trajectory in ``folder``."""
 
-    def __init__(self, folder: str | Path, base_fingerprint: list, fingerprints: dict[int, list]) -> None:
-        key = hashlib.sha256(json.dumps(base_fingerprint).encode()).hexdigest()[:16]
+    def __init__(self, folder: str | Path, base_fingerprint: list, fingerprints: dict[int, list],
+                 delta_dtype: str = EXACT) -> None:
+        identity = base_fingerprint if delta_dtype == EXACT else [base_fingerprint, delta_dtype]  # exact: names kept
+        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         self.path = Path(folder) / f"stats-{key}.safetensors"
         self.base_fingerprint = base_fingerprint
         self.fingerprints = fingerprints  # step -> fingerprint of the checkpoint wanted now
+        self.delta_dtype = delta_dtype
 
     def load(self, steps: list[int]) -> dict[str, TensorStats] | None:
         """Statistics for exactly ``steps`` if the cache covers them unchanged, else None.
@@ -57,6 +63,8 @@ class StatsCache:
             with safe_open(str(self.path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 if meta.get("format") != FORMAT or json.loads(meta["base"]) != self.base_fingerprint:
+                    return None
+                if meta.get("delta_dtype", EXACT) != self.delta_dtype:
                     return None
                 cached = _checkpoints(meta["checkpoints"])
                 if any(cached.get(s) != self.fingerprints[s] for s in steps):
@@ -76,7 +84,7 @@ class StatsCache:
     def save(self, stats: dict[str, TensorStats], steps: list[int]) -> None:
         """Write the statistics atomically (temporary name, then rename); on failure warn and go on."""
         tensors = {f"gram:{name}": torch.from_numpy(np.ascontiguousarray(s.gram)) for name, s in stats.items()}
-        meta = {"format": FORMAT, "base": json.dumps(self.base_fingerprint),
+        meta = {"format": FORMAT, "base": json.dumps(self.base_fingerprint), "delta_dtype": self.delta_dtype,
                 "checkpoints": json.dumps({str(s): self.fingerprints[s] for s in steps})}
         try:
             with building(self.path, overwrite=True, folder=False) as tmp:
