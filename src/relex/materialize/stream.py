@@ -273,6 +273,8 @@ class DeltaStream:
         largest rows of one tensor plus the largest scratch of another.
         """
         spec = self.base.specs[name]
+        if not 0 <= r0 <= r1 <= spec.rows:  # a caller's bug: past the tensor the buffer holds whatever was there
+            raise ValueError(f"rows {r0}:{r1} of '{name}', which has {spec.rows}")
         n = (r1 - r0) * spec.row_numel
         t = len(self.readers)
         on_cpu = self.device.type == "cpu"
