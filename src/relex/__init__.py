@@ -4,12 +4,11 @@
     extrapolate(Relex(rank=1, cutoff=75).fit(traj), "out/", targets=[500])
 """
 
-__version__ = "0.1.0"
-
 from relex.errors import RelexError
 from relex.materialize import compute_stats, extrapolate
 from relex.methods import METHODS, AlphaRL, DirectMethod, ExPO, Method, NExt, Reconstruct, Relex, TwoPoint
 from relex.trajectory import Trajectory
+from relex.version import __version__
 
 __all__ = ["METHODS", "AlphaRL", "DirectMethod", "ExPO", "Method", "NExt", "Reconstruct", "Relex", "RelexError",
            "Trajectory", "TwoPoint", "__version__", "compute_stats", "extrapolate"]

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-import relex
 from relex.analysis.diagnostics import idle_steps, idle_warning, quantized_warning, whole_model
 from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
-from relex.materialize.stream import DeltaStream, all_finite, budget_bytes
+from relex.materialize.stream import DeltaStream, budget_bytes
+from relex.materialize.tensor import materialize_tensor
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
-from relex.trajectory import StackedDeltas, TensorSpec, Trajectory
+from relex.trajectory import TensorSpec, Trajectory
 from relex.trajectory.precision import looks_quantized, quantized_deltas
 from relex.units import parse_size
-from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, dtype_name, publish_all,
+from relex.version import __version__
+from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, publish_all,
                           warn_if_no_tokenizer)
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
         summary["idle_steps"] = idle = idle_steps(whole_model(stats))
         if idle["stalled"] or idle["coasting"]:
             log.warning("the observed window has idle steps: %s", idle_warning(idle, len(trajectory.steps)))
-        metas = [{"relex_version": relex.__version__, "method": method.name, "params": method.params(),
+        metas = [{"relex_version": __version__, "method": method.name, "params": method.params(),
                   "target": target, "observed_steps": trajectory.steps, "base": str(trajectory.base.resolve()),
                   "dtype": dtype or "input", "delta_dtype": delta_dtype,
                   "stored_dtypes": trajectory.stored_dtypes(), "quantized_deltas": precision,
@@ -206,7 +206,7 @@ def materialize_locally(stream: DeltaStream, method: Method, specs: dict[str, Te
     """The local executor: tensor by tensor in the writers' order, in this process; yields each one's statistics."""
     for name in writers[0].order:
         cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
-        yield name, _materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets, cached, writers)
+        yield name, materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets, cached, writers)
 
 
 def _warn_if_inside_run(out_dir: Path, trajectory: Trajectory) -> None:
@@ -228,63 +228,3 @@ def _warn_if_buffers_moved(stream: DeltaStream, specs: dict[str, TensorSpec]) ->
         log.warning("%d integer or bool tensor(s) differ between the base and step %d and are written with the "
                     "base's values (relex extrapolates floating-point tensors only): %s%s", len(moved),
                     stream.trajectory.steps[-1], ", ".join(moved[:5]), ", ..." if len(moved) > 5 else "")
-
-
-def _write(writer: ModelFolderWriter, name: str, values: torch.Tensor, target: int) -> None:
-    """Hand one block of a target's tensor to its writer, refusing Inf or NaN (e.g. an overflowed cast)."""
-    if values.dtype.is_floating_point and not all_finite(values):
-        raise RelexError(f"{writer.folder}: tensor '{name}' would hold Inf or NaN at step {target} (the prediction "
-                         f"overflows {dtype_name(values.dtype)}); choose a nearer --target or a wider --dtype")
-    writer.weights.write(name, values)
-
-
-def _materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype: torch.dtype, method: Method,
-                        targets: list[int], cached: TensorStats | None,
-                        writers: list[ModelFolderWriter]) -> TensorStats:
-    """Statistics, weights and every target's values for one tensor; returns its statistics."""
-    blocks = stream.blocks(spec)
-    if not spec.dtype.is_floating_point or spec.numel == 0:  # integer buffers are not trained: copy them through
-        for r0, r1 in blocks:
-            block = stream.base.read(name, r0, r1)
-            for writer in writers:
-                writer.weights.write(name, block.to(dtype))
-        return cached or stream.stats(name, spec)
-    if isinstance(method, DirectMethod):
-        return _materialize_direct(stream, name, spec, dtype, method, targets, cached, writers)
-    block = None
-    if len(blocks) == 1 and cached is None:
-        block = stream.load(name, *blocks[0])
-    stats = cached or stream.stats(name, spec, block)
-    weights = method.shrunk_weights(stats, targets)
-    for r0, r1 in blocks:
-        if block is None or len(blocks) > 1:
-            block = stream.load(name, r0, r1)
-        shape = (r1 - r0,) + spec.shape[1:] if spec.shape else ()
-        outs = block.weighted_sums(weights, stream.outputs(dtype, block.numel))
-        for target, writer, values in zip(targets, writers, outs):
-            _write(writer, name, values.view(shape), target)
-    return stats
-
-
-def _materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype: torch.dtype, method: DirectMethod,
-                        targets: list[int], cached: TensorStats | None,
-                        writers: list[ModelFolderWriter]) -> TensorStats:
-    """A DirectMethod's tensor: its factors from the deltas (the stack read once when it fits the budget, else
-    row blocks read at every visit), then every target's values written a row block at a time."""
-    if stream.fits_stacked(spec):
-        block = stream.load(name, 0, spec.rows, stacked=True)
-        stats = cached or stream.stats(name, spec, block)
-        # the files' deltas give the factors only (LoRA): no rows are read through them, nor buffers taken
-        deltas = StackedDeltas(*block.whole(), spec.shape, source=stream.trajectory.deltas(name, 0))
-    else:
-        stats = cached or stream.stats(name, spec)
-        deltas = stream.deltas(name)
-    prediction = replace(method.predict(name, deltas, stats.steps, targets), scale=method.shrink)
-    anchor = [] if prediction.anchor is None else [prediction.anchor]
-    for block in deltas.blocks(anchor):
-        shape = (block.stop - block.start,) + spec.shape[1:] if spec.shape else ()
-        anchor_rows = block.deltas[0] if anchor else None
-        for j, (target, writer) in enumerate(zip(targets, writers)):
-            delta = prediction.rows(j, block.start, block.stop, anchor_rows)
-            _write(writer, name, stream.cast(delta.reshape(-1).add_(block.base), dtype, shape), target)
-    return stats

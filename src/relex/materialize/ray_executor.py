@@ -25,13 +25,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-import relex
 from relex.errors import RelexError
-from relex.materialize.engine import _materialize_tensor, _write
+from relex.materialize.tensor import materialize_tensor, write_block
 from relex.materialize.stream import DeltaStream
 from relex.methods.base import DirectMethod, Method
 from relex.stats.gram import TensorStats
 from relex.trajectory import TensorSpec, Trajectory
+from relex.version import __version__
 from relex.writer import ModelFolderWriter
 
 INSTALL_HINT = "pip install 'relex-rlvr[ray]'"
@@ -71,8 +71,8 @@ _WORKER_STREAM: dict[str, DeltaStream] = {}
 def _worker_stream(context: RunContext) -> DeltaStream:
     """This worker process's stream for the run: readers and buffers built once, not once per task."""
     if context.key not in _WORKER_STREAM:
-        if context.version != relex.__version__:
-            raise RelexError(f"a Ray worker runs relex {relex.__version__}, the driver {context.version}: "
+        if context.version != __version__:
+            raise RelexError(f"a Ray worker runs relex {__version__}, the driver {context.version}: "
                              "install the same relex on every node")
         _WORKER_STREAM.clear()
         _WORKER_STREAM[context.key] = DeltaStream(context.trajectory, context.budget, "cpu",
@@ -200,7 +200,7 @@ class _Tasks:
         self.ray, self.stream, self.specs = ray, stream, specs
         trajectory = _portable(stream.trajectory)
         shipped = _portable_method(method, trajectory) if method is not None else None
-        self.context = ray.put(RunContext(trajectory, shipped, targets or [], stream.budget, relex.__version__,
+        self.context = ray.put(RunContext(trajectory, shipped, targets or [], stream.budget, __version__,
                                           uuid.uuid4().hex, stream.delta_dtype))
         self._check_memory()
         self.gram_task = ray.remote(gram_task).options(memory=stream.budget)
@@ -335,7 +335,7 @@ class _Writing(_Tasks):
     def _advance(self, work: _TensorWork) -> bool:
         """Move the head tensor one step on (statistics, or one block written); True once it is complete."""
         if work.local:
-            work.stats = _materialize_tensor(self.stream, work.name, work.spec, work.dtype, self.method,
+            work.stats = materialize_tensor(self.stream, work.name, work.spec, work.dtype, self.method,
                                              self.targets, work.stats, self.writers)
             return True
         if work.grams:
@@ -353,7 +353,7 @@ class _Writing(_Tasks):
             warnings.simplefilter("ignore", UserWarning)
             rows = [torch.from_numpy(row).view(work.dtype) for row in values]
         for target, writer, row in zip(self.targets, self.writers, rows):
-            _write(writer, work.name, row, target)
+            write_block(writer, work.name, row, target)
         self.in_flight -= 1
         self.held -= nbytes
         return not work.blocks and not work.values
