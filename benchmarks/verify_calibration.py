@@ -1,0 +1,166 @@
+"""Calibrate ``relex extrapolate --verify`` on lab runs: what it publishes against the test set it never sees.
+
+Each case is one lab run (``relex lab``, made here: profile, seed, full fine-tuning or LoRA, CPU kernel set)
+extrapolated from its cutoff with RELEX. ``--verify`` races every target x shrink on the lab's
+``verify.jsonl`` (the task's distribution, never a held-out problem) against the cutoff checkpoint; the
+lab's held-out set is the test set, scored for every candidate and for stopping. Per case and margin:
+what was published, its test gain over stopping (paired SE), the oracle's (the best candidate on the test
+set) and the share of it captured. The runs are split into tuning and held-out ones by seed BEFORE any is
+looked at: the margin is chosen on the tuning runs (the highest mean test gain with no published loss
+beyond 2 paired SE) and reported on the held-out ones.
+
+    python benchmarks/verify_calibration.py --seeds 0 1 2 3 4 5 --tune-seeds 0 1 --lora both \\
+        --kernels default avx2 --json benchmarks/results/verify_calibration.json
+
+Prints tables and writes JSON. Not a test: lab runs take ~30 s each on 2 cores (profile ci).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from relex.analysis.metrics import mean_stderr
+
+MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0)
+GRADER = "relex.lab.tasks:Task.verify"  # the lab's reward: exact match
+
+
+def make_lab(root: Path, profile: str, seed: int, lora: bool, kernels: str) -> Path:
+    """A finished lab run in ``root`` (reused when present), its torch kernels set by ATEN_CPU_CAPABILITY."""
+    out = root / f"{profile}-s{seed}-{'lora' if lora else 'full'}-{kernels}"
+    if not (out / "report.json").exists():
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels}
+        cmd = [sys.executable, "-m", "relex", "lab", "--profile", profile, "--seed", str(seed), "--out", str(out),
+               "-q", "--overwrite", *(["--lora"] if lora else [])]
+        subprocess.run(cmd, check=True, env=env)
+    return out
+
+
+def score_case(lab: Path, cutoff_frac: float, multiples: list[float], shrinks: list[float], max_new_tokens: int,
+               seed: int) -> dict:
+    """The race on verify.jsonl, and every candidate's and stopping's outcomes on the lab's test set."""
+    from relex.eval.dataset import read_dataset
+    from relex.lab.tasks import make_task
+    from relex.materialize import compute_stats
+    from relex.methods import Relex
+    from relex.trajectory import Trajectory
+    from relex.verify import Candidate, ModelScorer, verify
+
+    report = json.loads((lab / "report.json").read_text())
+    last, spec = report["T"], report["task"]
+    cutoff = max(2, round(cutoff_frac * last))
+    trajectory = Trajectory.discover(lab / "base", lab / "run").observed(cutoff)
+    method = Relex().fit(trajectory, progress=False)
+    stats = compute_stats(trajectory, cache=False, progress=False)
+    targets = sorted({min(last, round(m * cutoff)) for m in multiples})
+    candidates = [Candidate(t, s) for t in targets for s in shrinks]
+    options = {"max_new_tokens": max_new_tokens, "grader": GRADER}
+    start = time.perf_counter()
+    scorer = ModelScorer(trajectory, method, stats, read_dataset(lab / "verify.jsonl"), **options)
+    verdict = verify(candidates, scorer, len(scorer.problems), seed=seed)
+    cost = time.perf_counter() - start
+    test = make_task(spec["task"], spec["digits"], spec["heldout_size"], spec["heldout_seed"]).heldout
+    tester = ModelScorer(trajectory, method, stats, test, **options)
+    everything = np.arange(len(test))
+    stop = tester(None, everything).astype(float)
+    on_test = {c: tester(c, everything).astype(float) for c in candidates}
+    return {"lab": lab.name, "cutoff": cutoff, "targets": targets, "verify_seconds": cost,
+            "verify_answers": sum(len(v) for v in scorer.seen.values()), "verdict": verdict.as_dict(),
+            "gain": verdict.confirmation[0], "gain_se": verdict.confirmation[1],
+            "pick": [verdict.pick.target, verdict.pick.shrink], "stop_test": stop.mean(),
+            "test": {f"{c.target}x{c.shrink:g}": mean_stderr(on_test[c] - stop) for c in candidates}}
+
+
+def outcome(case: dict, margin: float) -> dict:
+    """What ``--verify-margin margin`` would have published in this case, and its gain on the test set."""
+    published = case["gain"] > 0 and case["gain"] > margin * case["gain_se"]
+    key = f"{case['pick'][0]}x{case['pick'][1]:g}"
+    gain, se = case["test"][key] if published else (0.0, 0.0)
+    oracle_key = max(case["test"], key=lambda k: case["test"][k][0])
+    oracle, oracle_se = case["test"][oracle_key]
+    real = oracle > 2 * oracle_se
+    return {"published": published, "gain": gain, "se": se, "oracle": max(oracle, 0.0), "oracle_key": oracle_key,
+            "real_gain": real, "captured": gain / oracle if real else None,
+            "loss_beyond_2se": published and gain < -2 * se, "refused_real": real and not published}
+
+
+def summary(cases: list[dict], margin: float) -> dict:
+    rows = [outcome(c, margin) for c in cases]
+    captured = [r["captured"] for r in rows if r["captured"] is not None]
+    return {"margin": margin, "cases": len(rows), "published": sum(r["published"] for r in rows),
+            "mean_gain": float(np.mean([r["gain"] for r in rows])) if rows else float("nan"),
+            "mean_oracle": float(np.mean([r["oracle"] for r in rows])) if rows else float("nan"),
+            "worst": min((r["gain"] - 2 * r["se"] for r in rows if r["published"]), default=0.0),
+            "losses_beyond_2se": sum(r["loss_beyond_2se"] for r in rows),
+            "real_gains": len(captured), "mean_captured": float(np.mean(captured)) if captured else float("nan"),
+            "refused_real": sum(r["refused_real"] for r in rows)}
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print("| margin | cases | published | mean test gain | oracle | losses > 2 SE | real gains | captured | refused real |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['margin']:g} | {r['cases']} | {r['published']} | {100 * r['mean_gain']:+.1f} | "
+              f"{100 * r['mean_oracle']:+.1f} | {r['losses_beyond_2se']} | {r['real_gains']} | "
+              f"{100 * r['mean_captured']:.0f}% | {r['refused_real']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="ci")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="runs the margin is chosen on")
+    parser.add_argument("--lora", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--kernels", nargs="+", default=["default"], help="ATEN_CPU_CAPABILITY values")
+    parser.add_argument("--cutoff", type=float, default=0.15, help="cutoff as a share of the run (default 0.15)")
+    parser.add_argument("--multiples", type=float, nargs="+", default=[2, 4, 8], help="targets in cutoffs")
+    parser.add_argument("--shrinks", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--labs", type=Path, default=Path(tempfile.gettempdir()) / "relex-verify-calibration")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    cases = []
+    for lora in {"no": [False], "yes": [True], "both": [False, True]}[args.lora]:
+        for kernels in args.kernels:
+            for seed in args.seeds:
+                lab = make_lab(args.labs, args.profile, seed, lora, kernels)
+                case = score_case(lab, args.cutoff, args.multiples, args.shrinks, args.max_new_tokens, seed=0)
+                case.update(seed=seed, lora=lora, kernels=kernels, tuning=seed in args.tune_seeds)
+                cases.append(case)
+                o = outcome(case, 1.0)
+                print(f"{lab.name}: pick {case['pick']} confirmation {100 * case['gain']:+.1f} ± "
+                      f"{100 * case['gain_se']:.1f}; test {100 * o['gain']:+.1f} (oracle {o['oracle_key']} "
+                      f"{100 * o['oracle']:+.1f}); verify {case['verify_seconds']:.1f} s, "
+                      f"{case['verify_answers']} answers", flush=True)
+
+    tuning = [c for c in cases if c["tuning"]]
+    held = [c for c in cases if not c["tuning"]]
+    tune_rows = [summary(tuning, m) for m in MARGINS]
+    allowed = [r for r in tune_rows if r["losses_beyond_2se"] == 0] or tune_rows
+    chosen = max(allowed, key=lambda r: (r["mean_gain"], r["margin"]))["margin"]
+    print_table(f"tuning runs (seeds {args.tune_seeds})", tune_rows)
+    print(f"\nchosen margin on the tuning runs: {chosen:g}")
+    held_rows = [summary(held, m) for m in MARGINS]
+    print_table("held-out runs (every margin shown; the chosen one is the result)", held_rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        args.json.write_text(json.dumps({"command": sys.argv, "commit": commit, "machine": platform.processor() or
+                                         platform.machine(), "cases": cases, "tuning": tune_rows,
+                                         "chosen_margin": chosen, "held_out": held_rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
