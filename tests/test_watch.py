@@ -86,9 +86,11 @@ def test_watch_follows_a_run_being_written(tmp_path: Path) -> None:
     writer = threading.Thread(target=trainer)
     writer.start()
     try:
-        wait_for(lambda: status_of(out).get("step") == 12 and (out / "step-20" / "relex.json").is_file()
+        # every checkpoint taken (one torn by a read while half-written is taken again at a later poll)
+        wait_for(lambda: status_of(out).get("step") == 12 and status_of(out).get("checkpoints_taken") == 6
+                 and (out / "step-20" / "relex.json").is_file()
                  and json.loads((out / "step-20" / "relex.json").read_text())["observed_steps"][-1] == 12,
-                 what="the prediction from step 12")
+                 what="the prediction from step 12, every checkpoint taken")
     finally:
         writer.join()
         proc.send_signal(signal.SIGTERM)
