@@ -177,7 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scores = {str(m): s for m, s in score_dirs(args.models, task, args.tokenizer or args.base, args.batch_size,
                                                    quiet=args.quiet or args.score_only, adapter_base=args.base).items()}
         if pair:
-            from relex.lab.evaluate import load_model, load_tokenizer, score_logits_extrapolation
+            from relex.eval.scoring import load_model, load_tokenizer
+            from relex.lab.evaluate import score_logits_extrapolation
 
             label = f"logits-extrapolate({pair[0]}, {pair[1]}, alpha={args.alpha:g})"
             anchor, cut = (load_model(m, args.base) for m in pair)
