@@ -4,8 +4,8 @@ It holds config.json (dtype set), the base's generation config and tokenizer fil
 byte (contents, not modes; only regular files within the base's tree), the custom-code modules
 ``auto_map`` names, the weights (one file or shards plus index) and ``relex.json`` describing how it
 was made. Everything is fsynced before the rename. A failed or interrupted run leaves only a hidden
-``.NAME.relex-tmp-PLACE-PID`` folder (``relex.tempfiles``), never one that looks finished: a failure removes it, and the next run
-sweeps one of a killed process.
+``.NAME.relex-tmp-PLACE-PID`` folder (``relex.tempfiles``), never one that looks finished: a failure
+removes it, and the next run sweeps one of a killed process.
 """
 
 from __future__ import annotations
