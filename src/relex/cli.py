@@ -386,11 +386,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from relex.analysis.report import check_out, check_scores, write_report
     from relex.materialize import compute_stats
+    from relex.safeio import read_json_object
 
     traj = _trajectory(args)
     _refuse_replacing_inputs([args.out], args, traj)
     check_out(args.out, args.overwrite)
-    scores = check_scores(_read_json(args.scores), args.scores) if args.scores else None
+    scores = check_scores(read_json_object(args.scores), args.scores) if args.scores else None
     observed = traj.observed(args.cutoff)
     stats = compute_stats(traj.observed(None), **_engine_options(args))
     path = write_report(stats, observed.steps, args.out, scores, _window_probe(args, observed, stats),
@@ -441,12 +442,6 @@ def _print_probe(rows: list[dict], safe: dict[str, float]) -> None:
         "Function-space backtest: mean token KL(real || predicted) on the probe, in brackets / stopping's; "
         "* = below stopping by more than the margin (safe)", rows, safe,
         lambda row: f"{row['kl']:.4f} ({row['kl_vs_stay']:.2f}){'*' if row['safe'] else ''}"))
-
-
-def _read_json(path: Path) -> dict:
-    from relex.safeio import read_json_object
-
-    return read_json_object(path)  # bounded in size and depth, one line naming the file when refused
 
 
 def _print_analysis(report: dict, worst: int) -> None:

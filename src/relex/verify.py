@@ -348,7 +348,7 @@ def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path
     from relex.eval.dataset import read_dataset
     from relex.materialize import compute_stats, extrapolate
     from relex.methods.base import DirectMethod
-    from relex.tempfiles import temp_path
+    from relex.tempfiles import building
 
     if isinstance(method, DirectMethod):
         raise RelexError(f"--verify streams weighted sums of the checkpoints into one model; --method {method.name} "
@@ -370,17 +370,15 @@ def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path
                          margin=options.margin, progress=bar.update)
     record = dumps_strict(verdict.as_dict(), indent=2) + "\n"
     if options.record is not None:
-        tmp = temp_path(Path(options.record))
-        tmp.write_text(record)
-        tmp.replace(options.record)
+        with building(Path(options.record), overwrite=True, folder=False) as tmp:
+            tmp.write_text(record)
     if not verdict.published:
         return verdict, []
     method.shrink = verdict.pick.shrink
     folders = extrapolate(method, out_dir, [verdict.pick.target], stats=stats, progress=progress, **engine,
                           **{**write, "run_info": {**write.get("run_info", {}), "verify": verdict.as_dict()}})
     for folder in folders:  # beside relex.json (which holds the same record): the table and its plot
-        tmp = temp_path(folder / "verify.json")
-        tmp.write_text(record)
-        tmp.replace(folder / "verify.json")
+        with building(folder / "verify.json", overwrite=True, folder=False) as tmp:
+            tmp.write_text(record)
         plot_verdict(verdict, folder / "verify.png")
     return verdict, folders

@@ -32,11 +32,6 @@ def bounded(convert: Callable[[str], float], low: float, high: float, what: str)
     return parse
 
 
-def fail_in_one_line(parser: argparse.ArgumentParser) -> None:
-    """Make ``parser`` report bad arguments as relex reports bad input: ``relex: error: ...``, exit 2."""
-    parser.error = lambda message: parser.exit(2, f"relex: error: {message}\n")  # type: ignore[method-assign]
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``watch`` subcommand to a ``relex`` argparse subparsers object."""
     w = subparsers.add_parser("watch", help="follow a run while it trains: live diagnostics, safe horizon, "
@@ -67,7 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("-q", "--quiet", action="store_true", help="no live line or warnings")
     w.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     w.set_defaults(func=cmd_watch)
-    fail_in_one_line(w)
 
 
 def live_line(watcher: Watcher) -> str:
