@@ -28,24 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from bench_extrapolate import MODELS, generate, measure  # noqa: E402
-
-
-def carrier(tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A module whose parameters are ``tensors`` under their dotted names, as an HF model's state dict."""
-    root = nn.Module()
-    for name, value in tensors.items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, nn.Parameter(value))
-    return root
+from conftest import state_dict_module  # noqa: E402  (the tests' module of a state dict, sharded the same way)
 
 
 def write_shards(rank: int, world: int, hf_run: Path, verl_run: Path, steps: list[int], store: Path) -> None:
@@ -55,7 +42,7 @@ def write_shards(rank: int, world: int, hf_run: Path, verl_run: Path, steps: lis
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         for step in steps:
-            model = carrier(load_file(str(hf_run / f"checkpoint-{step}" / "model.safetensors")))
+            model = state_dict_module(load_file(str(hf_run / f"checkpoint-{step}" / "model.safetensors")))
             fully_shard(model)
             actor = verl_run / f"global_step_{step}" / "actor"
             (actor / "huggingface").mkdir(parents=True, exist_ok=True)

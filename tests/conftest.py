@@ -47,6 +47,21 @@ def save_pico_model(folder: Path, arch: str = "qwen2", dtype: torch.dtype = torc
     return folder
 
 
+def state_dict_module(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose parameters are copies of ``tensors`` under their dotted names (an HF model's state dict),
+    for the torch APIs that shard a module as trainers do (FSDP2 ``fully_shard``)."""
+    root = torch.nn.Module()
+    for name, value in tensors.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(value.clone()))
+    return root
+
+
 def drift_run(base: Path, run: Path, steps=STEPS, layout: str = "trl", noise: float = 0.01, seed: int = 1,
               dtype: torch.dtype | None = None, slope: float = 0.05,
               offset: float = 0.1) -> dict[int, dict[str, torch.Tensor]]:

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from torch import nn
 
-from conftest import drift_run, save_pico_model
+from conftest import drift_run, save_pico_model, state_dict_module
 from relex.cli import main
 from relex.errors import RelexError
 from relex.trajectory.dcp import DcpReader
@@ -27,26 +26,12 @@ from relex.trajectory.fsdp import FsdpShardReader
 STEPS = [2, 3, 5, 8]
 
 
-def _carrier(tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A module whose parameters are ``tensors`` under their dotted names (an HF model's state dict)."""
-    root = nn.Module()
-    for name, value in tensors.items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, nn.Parameter(value.clone()))
-    return root
-
-
 def _save_step(tensors: dict[str, torch.Tensor], actor: Path, dcp_dir: Path) -> None:
     """What verl (per-rank torch.save of the sharded state dict) and NeMo-RL (dcp.save of {"model": ...}) write."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
 
-    model = _carrier(tensors)
+    model = state_dict_module(tensors)
     fully_shard(model)
     state = model.state_dict()
     actor.mkdir(parents=True, exist_ok=True)
