@@ -24,7 +24,7 @@ import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
 from relex.errors import RelexError
-from relex.trajectory.reader import read_exact
+from relex.trajectory.reader import read_exact, weights_only_refusal
 
 MAX_PICKLE_BYTES = 256 << 20  # a sharded state dict of 100K tensors pickles to a few MB
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -165,9 +165,8 @@ class Archive:
         try:
             return unpickler.load()
         except Exception as exc:  # the unpickler raises whatever a hostile pickle provokes; all are refusals
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-            reason = next((line for line in lines if "GLOBAL" in line), lines[0])[:200]
-            kind = "blocked: the pickle names code torch.load(weights_only=True) refuses to run" if "GLOBAL" in reason \
+            blocked, reason = weights_only_refusal(exc)
+            kind = "blocked: the pickle names code torch.load(weights_only=True) refuses to run" if blocked \
                 else "corrupt or unreadable pickle"
             raise self._refused(f"{kind} ({reason})") from None
         finally:

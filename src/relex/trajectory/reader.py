@@ -120,11 +120,19 @@ def _not_zip(file: Path) -> RelexError:
     return RelexError(f"{file}: corrupt or truncated weight file (not a zip archive, as torch.save writes)")
 
 
+def weights_only_refusal(exc: Exception) -> tuple[bool, str]:
+    """(blocked, reason) of an error torch's weights_only unpickler raised: blocked when the pickle names a global it
+    refuses (code it could run), not a corrupt file; the reason is the line of torch's message that says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    named = next((line for line in lines if "GLOBAL" in line), None)
+    reason = named or (lines[-2] if len(lines) > 2 else lines[0])  # torch's message: advice, reason, a link
+    return named is not None, reason[:200]
+
+
 def _pickle_refused(file: Path, exc: Exception) -> RelexError:
     """One line for a pickle torch.load(weights_only=True) failed on: blocked (it names code to run), or corrupt."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    reason = lines[-2] if len(lines) > 2 else lines[0]  # torch's weights_only message: advice, reason, a link
-    if "GLOBAL" in reason:
+    blocked, reason = weights_only_refusal(exc)
+    if blocked:
         return RelexError(f"{file}: blocked: the pickle holds something torch.load(weights_only=True) refuses, as "
                           f"it could run code ({reason})")
     return RelexError(f"{file}: corrupt or truncated weight file ({reason})")
