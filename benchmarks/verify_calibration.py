@@ -30,24 +30,39 @@ from pathlib import Path
 import numpy as np
 
 from relex.analysis.metrics import mean_stderr
+from relex.verify import DEFAULT_MARGIN
 
 MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0)
 GRADER = "relex.lab.tasks:Task.verify"  # the lab's reward: exact match
 
 
-def make_lab(root: Path, profile: str, seed: int, lora: bool, kernels: str) -> Path:
-    """A finished lab run in ``root`` (reused when present), its torch kernels set by ATEN_CPU_CAPABILITY."""
-    out = root / f"{profile}-s{seed}-{'lora' if lora else 'full'}-{kernels}"
+def make_lab(root: Path, profile: str, seed: int, lora: bool, kernels: str, model: str = "tiny",
+             lr: float | None = None, threads: int = 2) -> Path:
+    """A finished lab run in ``root`` (reused when present), its torch kernels set by ATEN_CPU_CAPABILITY. The
+    LLM lab's run is trained only (``train_llm_run``): this script scores its candidates itself."""
+    name = f"{'' if model == 'tiny' else model + '-'}{profile}-s{seed}-{'lora' if lora else 'full'}-{kernels}"
+    out = root / (name if lr is None else f"{name}-lr{lr:g}")
+    if model != "tiny":
+        if not (out / "verify.jsonl").exists():
+            from relex.lab.cli import _with_lr
+            from relex.lab.llm_lab import train_llm_run
+            from relex.lab.llm_profiles import LLM_PROFILES
+            from relex.lab.profiles import LoraSettings
+
+            os.environ["ATEN_CPU_CAPABILITY"] = kernels
+            train_llm_run(_with_lr(LLM_PROFILES[profile], lr, lora), out, seed, overwrite=True, quiet=True,
+                          lora=LoraSettings() if lora else None, threads=threads)
+        return out
     if not (out / "report.json").exists():
         env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels}
         cmd = [sys.executable, "-m", "relex", "lab", "--profile", profile, "--seed", str(seed), "--out", str(out),
-               "-q", "--overwrite", *(["--lora"] if lora else [])]
+               "-q", "--overwrite", *(["--lora"] if lora else []), *(["--lr", str(lr)] if lr is not None else [])]
         subprocess.run(cmd, check=True, env=env)
     return out
 
 
 def score_case(lab: Path, cutoff_frac: float, multiples: list[float], shrinks: list[float], max_new_tokens: int,
-               seed: int) -> dict:
+               seed: int, last: int | None = None, verify_size: int | None = None) -> dict:
     """The race on verify.jsonl, and every candidate's and stopping's outcomes on the lab's test set."""
     from relex.eval.dataset import read_dataset
     from relex.lab.tasks import make_task
@@ -56,20 +71,24 @@ def score_case(lab: Path, cutoff_frac: float, multiples: list[float], shrinks: l
     from relex.trajectory import Trajectory
     from relex.verify import Candidate, ModelScorer, verify
 
-    report = json.loads((lab / "report.json").read_text())
-    last, spec = report["T"], report["task"]
+    llm = last is not None  # the LLM lab's run: its test set is heldout.jsonl, graded by math-verify
+    if not llm:
+        report = json.loads((lab / "report.json").read_text())
+        last, spec = report["T"], report["task"]
     cutoff = max(2, round(cutoff_frac * last))
     trajectory = Trajectory.discover(lab / "base", lab / "run").observed(cutoff)
     method = Relex().fit(trajectory, progress=False)
     stats = compute_stats(trajectory, cache=False, progress=False)
     targets = sorted({min(last, round(m * cutoff)) for m in multiples})
     candidates = [Candidate(t, s) for t in targets for s in shrinks]
-    options = {"max_new_tokens": max_new_tokens, "grader": GRADER}
+    options = {"max_new_tokens": max_new_tokens, "grader": None if llm else GRADER}
     start = time.perf_counter()
-    scorer = ModelScorer(trajectory, method, stats, read_dataset(lab / "verify.jsonl"), **options)
+    problems = read_dataset(lab / "verify.jsonl")[:verify_size]
+    scorer = ModelScorer(trajectory, method, stats, problems, **options)
     verdict = verify(candidates, scorer, len(scorer.problems), seed=seed)
     cost = time.perf_counter() - start
-    test = make_task(spec["task"], spec["digits"], spec["heldout_size"], spec["heldout_seed"]).heldout
+    test = read_dataset(lab / "heldout.jsonl") if llm else \
+        make_task(spec["task"], spec["digits"], spec["heldout_size"], spec["heldout_seed"]).heldout
     tester = ModelScorer(trajectory, method, stats, test, **options)
     everything = np.arange(len(test))
     stop = tester(None, everything).astype(float)
@@ -118,7 +137,11 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="the lab's model: tiny (default) or smollm2-135m")
     parser.add_argument("--profile", default="ci")
+    parser.add_argument("--lr", type=float, help="GRPO learning rate instead of the profile's (not with --lora)")
+    parser.add_argument("--verify-size", type=int, help="score only the first N problems of verify.jsonl")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the LLM lab's training")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="runs the margin is chosen on")
     parser.add_argument("--lora", choices=["no", "yes", "both"], default="both")
@@ -131,15 +154,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    steps = None
+    if args.model != "tiny":
+        from relex.lab.llm_profiles import LLM_PROFILES
+        steps = LLM_PROFILES[args.profile].rl.steps
     cases = []
-    for lora in {"no": [False], "yes": [True], "both": [False, True]}[args.lora]:
-        for kernels in args.kernels:
-            for seed in args.seeds:
-                lab = make_lab(args.labs, args.profile, seed, lora, kernels)
-                case = score_case(lab, args.cutoff, args.multiples, args.shrinks, args.max_new_tokens, seed=0)
+    for seed in args.seeds:  # seed outermost: a calibration stopped early holds both kinds of run
+        for lora in {"no": [False], "yes": [True], "both": [False, True]}[args.lora]:
+            for kernels in args.kernels:
+                lab = make_lab(args.labs, args.profile, seed, lora, kernels, args.model, None if lora else args.lr,
+                               args.threads)
+                case = score_case(lab, args.cutoff, args.multiples, args.shrinks, args.max_new_tokens, seed=0,
+                                  last=steps, verify_size=args.verify_size)
                 case.update(seed=seed, lora=lora, kernels=kernels, tuning=seed in args.tune_seeds)
                 cases.append(case)
-                o = outcome(case, 1.0)
+                o = outcome(case, DEFAULT_MARGIN)
+                if args.json:  # after every case: a long calibration that stops early keeps what it measured
+                    save(args.json, {"command": sys.argv, "cases": cases})
                 print(f"{lab.name}: pick {case['pick']} confirmation {100 * case['gain']:+.1f} ± "
                       f"{100 * case['gain_se']:.1f}; test {100 * o['gain']:+.1f} (oracle {o['oracle_key']} "
                       f"{100 * o['oracle']:+.1f}); verify {case['verify_seconds']:.1f} s, "
@@ -155,11 +186,16 @@ def main() -> None:
     held_rows = [summary(held, m) for m in MARGINS]
     print_table("held-out runs (every margin shown; the chosen one is the result)", held_rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        args.json.write_text(json.dumps({"command": sys.argv, "commit": commit, "machine": platform.processor() or
-                                         platform.machine(), "cases": cases, "tuning": tune_rows,
-                                         "chosen_margin": chosen, "held_out": held_rows}, indent=2) + "\n")
+        save(args.json, {"command": sys.argv, "cases": cases, "tuning": tune_rows, "chosen_margin": chosen,
+                         "held_out": held_rows})
+
+
+def save(path: Path, doc: dict) -> None:
+    """``doc`` as JSON with the commit and machine it was measured on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    path.write_text(json.dumps({**doc, "commit": commit, "machine": platform.processor() or platform.machine()},
+                               indent=2) + "\n")
 
 
 if __name__ == "__main__":

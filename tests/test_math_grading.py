@@ -86,7 +86,8 @@ def test_math_task_heldout_fixed_disjoint_and_verified() -> None:
     task = MathTask(lambda m: f"<user>{m}<assistant>", heldout_size=100)
     assert task.heldout == MathTask(lambda m: f"<user>{m}<assistant>", heldout_size=100).heldout
     assert not any(task.is_heldout(p.prompt) for p in task.sample_many(2000, random.Random(0)))
-    for (message, answer), problem in zip(task.heldout_messages(), task.heldout, strict=True):
+    for line, problem in zip(task.dataset(task.heldout), task.heldout, strict=True):
+        message, answer = line.prompt, line.answer
         assert problem.prompt == f"<user>{message}<assistant>" and "\\boxed{}" in message
         assert task.verify(f"\\boxed{{{answer}}}", answer) and not task.verify(f"\\boxed{{{int(answer) + 1}}}", answer)
 
@@ -94,7 +95,7 @@ def test_math_task_heldout_fixed_disjoint_and_verified() -> None:
 def test_math_task_kinds_restrict_the_arithmetic_drawn() -> None:
     """``kinds`` picks the arithmetic kinds for training and held-out alike; an unknown kind is refused."""
     task = MathTask(lambda m: m, heldout_size=200, word_share=0.0, kinds="+*")
-    questions = [m for m, _ in task.heldout_messages()] + [p.prompt for p in task.sample_many(500, random.Random(1))]
+    questions = [m.prompt for m in task.dataset(task.heldout)] + [p.prompt for p in task.sample_many(500, random.Random(1))]
     assert all((" + " in q) != (" * " in q) and " - " not in q for q in questions)
     assert {" + " in q for q in questions} == {True, False}
     assert task.spec()["kinds"] == "+*"

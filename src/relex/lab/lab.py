@@ -234,4 +234,4 @@ def write_verify_set(path: Path, task, seed: int) -> None:
 
     rng = random.Random(f"verify:{seed}")
     problems = {p.prompt: p for p in task.sample_many(4 * VERIFY_SIZE, rng)}  # distinct prompts
-    write_dataset(path, list(problems.values())[:VERIFY_SIZE])
+    write_dataset(path, task.dataset(list(problems.values())[:VERIFY_SIZE]))

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from relex.errors import RelexError
 from relex.lab import report
 from relex.lab.lab import (LAB_LAYOUT, _Clock, check_lab_out, cutoff_steps, extrapolate_and_measure, lab_methods,
-                           lab_targets, point_adapters_at, quiet_libraries)
+                           lab_targets, point_adapters_at, quiet_libraries,
+                           write_verify_set)
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
 from relex.tempfiles import building
@@ -62,13 +63,24 @@ def check_disk(out: Path, profile: LLMProfile, model_bytes: int, lora: bool) -> 
 def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False,
                 lora: LoraSettings | None = None, threads: int = 1) -> Path:
     """Run every phase of ``profile`` into ``out``; returns ``out``. Refuses an existing ``out`` unless told."""
-    out = Path(out)
+    return _run(profile, Path(out), seed, overwrite, quiet, lora, threads, evaluate=True)
+
+
+def train_llm_run(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool = False, quiet: bool = False,
+                  lora: LoraSettings | None = None, threads: int = 1) -> Path:
+    """The lab's run without its extrapolations and evaluation: ``base/``, ``run/``, ``heldout.jsonl`` and
+    ``verify.jsonl``, for those that score it their own way (benchmarks/verify_calibration.py)."""
+    return _run(profile, Path(out), seed, overwrite, quiet, lora, threads, evaluate=False)
+
+
+def _run(profile: LLMProfile, out: Path, seed: int, overwrite: bool, quiet: bool, lora: LoraSettings | None,
+         threads: int, evaluate: bool) -> Path:
     check_lab_out(out, overwrite)
     quiet_libraries(quiet)  # before transformers is imported, so that its offline switches take effect
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from relex.eval.dataset import Problem, write_dataset
+    from relex.eval.dataset import write_dataset
     from relex.lab.math_task import MathTask, chat_renderer
     from relex.lab.model import count_parameters
     from relex.lab.pretrained import MODELS, ensure_model
@@ -88,7 +100,8 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         task = MathTask(chat_renderer(tokenizer), profile.heldout_size, max_new_tokens=profile.max_new_tokens,
                         word_share=profile.word_share, kinds=profile.kinds)
-        write_dataset(tmp / "heldout.jsonl", [Problem(q, a) for q, a in task.heldout_messages()])
+        write_dataset(tmp / "heldout.jsonl", task.dataset(task.heldout))
+        write_verify_set(tmp / "verify.jsonl", task, seed)
         with clock.phase("rl"):
             set_seed(seed)
             policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -98,6 +111,8 @@ def run_llm_lab(profile: LLMProfile, out: Path, seed: int = 0, overwrite: bool =
             del policy
             if lora is not None:
                 point_adapters_at(run_dir, out / "base")
+        if not evaluate:
+            return out
         last = profile.rl.steps
         cutoffs, curve, rows, moves = extrapolate_and_measure(tmp, task, last, profile.cutoffs, profile.curve_every,
                                                               clock, quiet, profile.eval_batch_size, device)

@@ -95,9 +95,10 @@ class MathTask(Task):
         self._questions[prompt] = message
         return Problem(prompt, str(answer))
 
-    def heldout_messages(self) -> list[tuple[str, str]]:
-        """The held-out set as (user message, answer) pairs: what `relex eval --dataset` reads."""
-        return [(self._questions[p.prompt], p.answer) for p in self.heldout]
+    def dataset(self, problems: list[Problem]) -> list[Problem]:
+        """``problems`` as user messages (rendered by the model's chat template when read): what `relex eval
+        --dataset` and ``--verify`` read."""
+        return [Problem(self._questions[p.prompt], p.answer) for p in problems]
 
     @staticmethod
     def verify(completion: str, answer: str) -> bool:

@@ -79,6 +79,10 @@ class Task(ABC):
     def sample_many(self, n: int, rng: random.Random) -> list[Problem]:
         return [self.sample(rng) for _ in range(n)]
 
+    def dataset(self, problems: list[Problem]) -> list[Problem]:
+        """``problems`` as a `relex eval --dataset` file holds them (prompts as the model reads them here)."""
+        return list(problems)
+
     @staticmethod
     def verify(completion: str, answer: str) -> bool:
         """Exact match of the completion (surrounding whitespace ignored) with the answer."""
