@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import save_pico_model
 from relex.cli import main
-from relex.methods.fitting import fit_line
 from relex.methods.trends import fit_trend
+from relex.stats.fitting import fit_line
 
 NEAR_BOUND = 10**15 - 100  # a shift that keeps every step of the pico run below the bound
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from relex.analysis.backtest import MIN_PREFIX
 from relex.analysis.metrics import rank1_fit
-from relex.methods.fitting import fit_line
+from relex.stats.fitting import fit_line
 from relex.stats.gram import TensorStats
 
 NULL_DIM = 2048

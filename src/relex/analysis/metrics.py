@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from relex.methods.fitting import fit_line, r_squared
+from relex.stats.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
 
 THRESHOLDS = {"explained_var_rank1": 0.9, "r2_linear": 0.98}

@@ -18,7 +18,7 @@ from relex.analysis import plots
 from relex.analysis.overview import analyze_run
 from relex.errors import RelexError
 from relex.jsonout import write_json
-from relex.methods.fitting import fit_line, r_squared
+from relex.stats.fitting import fit_line, r_squared
 from relex.stats.gram import TensorStats
 from relex.tempfiles import building, check_replaceable
 

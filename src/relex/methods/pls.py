@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.methods.fitting import fit_line
+from relex.stats.fitting import fit_line
 
 
 @dataclass

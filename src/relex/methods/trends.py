@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from relex.errors import RelexError
-from relex.methods.fitting import fit_line, line
+from relex.stats.fitting import fit_line, line
 
 Trend = Callable[[np.ndarray], np.ndarray]
 POWER_GRID = np.round(np.arange(0.1, 2.01, 0.05), 2)
