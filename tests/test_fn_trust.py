@@ -9,9 +9,9 @@ import pytest
 
 from conftest import drift_run, rank1_run, save_pico_model
 from relex.analysis.backtest import backtest
-from relex.analysis.metrics import rank1_fit
 from relex.cli import main
 from relex.stats import TensorStats
+from relex.stats.summary import rank1_fit
 
 
 def strict_json(text: str):

@@ -15,10 +15,11 @@ from conftest import drift_run, save_pico_model
 from relex import Relex, Trajectory, extrapolate
 from relex.analysis.auto import auto_method
 from relex.analysis.backtest import backtest, choose, default_settings, safe_horizon
-from relex.analysis.diagnostics import diagnose, idle_steps, verdict
+from relex.analysis.diagnostics import diagnose, verdict
 from relex.cli import main
 from relex.errors import RelexError
 from relex.stats import TensorStats
+from relex.stats.updates import idle_steps
 
 STEPS = np.arange(1, 41, dtype=np.float64)
 

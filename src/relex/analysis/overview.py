@@ -13,9 +13,9 @@ import math
 from relex.analysis.alignment import alignment
 from relex.analysis.backtest import backtest, best_supported
 from relex.analysis.diagnostics import diagnose, verdict
-from relex.analysis.metrics import summarize, tensor_metrics
 from relex.methods import Relex
 from relex.stats.gram import TensorStats
+from relex.stats.summary import summarize, tensor_metrics
 
 
 def analyze_run(stats: dict[str, TensorStats], observed: list[int], *, max_error: float = 0.5,

@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from relex.analysis.diagnostics import idle_steps, idle_warning, quantized_warning, whole_model
-from relex.analysis.metrics import summarize, tensor_metrics
 from relex.errors import RelexError
 from relex.materialize.stream import DeltaStream, budget_bytes
 from relex.materialize.tensor import materialize_tensor
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
+from relex.stats.gram import whole_model
+from relex.stats.summary import summarize, tensor_metrics
+from relex.stats.updates import idle_steps, idle_warning
 from relex.trajectory import TensorSpec, Trajectory
-from relex.trajectory.precision import looks_quantized, quantized_deltas
+from relex.trajectory.precision import looks_quantized, quantized_deltas, quantized_warning
 from relex.units import parse_size
 from relex.version import __version__
 from relex.writer import (ModelFolderWriter, PlannedTensor, check_output_free, publish_all,

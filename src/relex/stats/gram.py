@@ -60,6 +60,11 @@ class TensorStats:
         return np.sqrt(np.clip(np.diag(self.gram), 0.0, None))
 
 
+def whole_model(stats: dict[str, TensorStats]) -> TensorStats:
+    """The statistics of all tensors as one vector: the sum of their Gram matrices."""
+    return TensorStats(next(iter(stats.values())).steps, sum(s.gram for s in stats.values()))
+
+
 def gram_of(stack: torch.Tensor) -> torch.Tensor:
     """G = M M^T of a T x n float64 stack (one matmul; the engine hands it cache-sized chunks of columns)."""
     return stack @ stack.T

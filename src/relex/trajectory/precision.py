@@ -62,3 +62,17 @@ def quantized_deltas(trajectory: Trajectory) -> dict:
 def looks_quantized(check: dict) -> bool:
     """Most sampled tensors' deltas look quantized."""
     return check["sampled"] > 0 and check["quantized"] * 2 > check["sampled"]
+
+
+def quantized_warning(check: dict) -> str:
+    """One line for a run whose deltas look quantized (``quantized_deltas``), naming the cause."""
+    sixteen = any(d in ("bfloat16", "float16") for d in check["stored"])
+    cause = ("its checkpoints hold 16-bit weights: weights kept in 16 bits during training cannot move by less than "
+             "half an ulp, and a 16-bit export of fp32 masters (verl's model_merger, OpenRLHF's _hf folders) rounds "
+             "the same way; read the fp32 weights if the trainer saved them (verl: the FSDP shards in "
+             "global_step_N/actor/, see docs/trainers.md)" if sixteen else
+             "its checkpoints hold values on a 16-bit grid though saved as "
+             f"{'/'.join(check['stored']) or 'floats'} (a 16-bit model or export cast up on save)")
+    return (f"the deltas look quantized: in {check['quantized']} of {check['sampled']} sampled tensors, step "
+            f"{check['step']} minus the base is mostly exact zeros, a few distinct values or moves of one ulp (median "
+            f"{check['zero_share']:.0%} zeros); {cause}. Fits to these deltas fit rounding, not training")
