@@ -1,7 +1,5 @@
 """``python -m relex`` is the ``relex`` command."""
 
-import sys
+from relex.cli import run
 
-from relex.cli import main
-
-sys.exit(main())
+run()
