@@ -138,7 +138,8 @@ def named_budget(budget: str, run: Path) -> str:
     """``whole``: what holds the largest tensor's whole stack (and one output); ``eighth``: an eighth of that."""
     if budget not in ("whole", "eighth"):
         return budget
-    from relex.materialize.stream import FIXED_OVERHEAD, DeltaStream
+    from relex.budget import FIXED_OVERHEAD
+    from relex.materialize.stream import DeltaStream
     from relex.trajectory import Trajectory
 
     trajectory = Trajectory.discover(run / "base", run / "run")

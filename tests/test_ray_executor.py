@@ -10,8 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from relex import Trajectory, compute_stats
+from relex.budget import FIXED_OVERHEAD
 from relex.cli import main
-from relex.materialize.stream import FIXED_OVERHEAD, DeltaStream
+from relex.materialize.stream import DeltaStream
 
 # 10 kB above the fixed overhead: the pico model's MLP weights and embedding take several row blocks
 ROW_BLOCK_BUDGET = str(FIXED_OVERHEAD + 10_000)

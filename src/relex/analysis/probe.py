@@ -27,13 +27,13 @@ import torch
 
 from relex.analysis.backtest import default_settings
 from relex.analysis.metrics import mean_stderr
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.eval.chat import render
 from relex.materialize.engine import _check_device
 from relex.materialize.stream import DeltaStream, all_finite
 from relex.stats.gram import TensorStats
 from relex.trajectory import Trajectory
-from relex.units import parse_size
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -67,9 +67,10 @@ def read_prompts(path: Path) -> list[str]:
 class WeightLoader:
     """Streams W_0 + sum_t weights[t] (W_t - W_0) into a loaded model, tensor by tensor in row blocks."""
 
-    def __init__(self, trajectory: Trajectory, memory_budget: str | int = "2GB", device: str = "cpu") -> None:
+    def __init__(self, trajectory: Trajectory, memory_budget: MemoryBudget | str | int = "2GB",
+                 device: str = "cpu") -> None:
         self.trajectory = trajectory
-        self.budget = parse_size(memory_budget)
+        self.budget = MemoryBudget.of(memory_budget)
         self.device = _check_device(device)  # where the weighted sums are computed, as in the engine
         self.specs = trajectory.tensor_specs()
 
@@ -109,7 +110,7 @@ class Probe:
 
     def __init__(self, trajectory: Trajectory, prompts: Sequence[str], *, raw_prompts: bool = False,
                  max_new_tokens: int = 32, batch_size: int = 32, device: str = "cpu",
-                 memory_budget: str | int = "2GB") -> None:
+                 memory_budget: MemoryBudget | str | int = "2GB") -> None:
         try:
             import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -249,7 +250,7 @@ def best_supported_by_probe(probe_rows: list[dict]) -> tuple[str, float]:
 
 def run_probe(trajectory: Trajectory, stats: dict[str, TensorStats], rows: list[dict], path: Path, *,
               raw_prompts: bool = False, max_new_tokens: int = 32, margin: float = 2.0, device: str = "cpu",
-              memory_budget: str | int = "2GB", progress: bool = False) -> list[dict]:
+              memory_budget: MemoryBudget | str | int = "2GB", progress: bool = False) -> list[dict]:
     """The function-space backtest of an observed window from a prompts file: what ``--probe FILE`` runs."""
     if not rows:
         raise RelexError(f"{len(trajectory.steps)} observed checkpoints are too few to backtest")

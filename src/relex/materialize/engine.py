@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
-from relex.materialize.stream import DeltaStream, budget_bytes
+from relex.materialize.stream import DeltaStream
 from relex.materialize.tensor import materialize_tensor
 from relex.methods.base import DirectMethod, Method
 from relex.stats import StatsCache, TensorStats, default_cache_dir
@@ -77,7 +78,7 @@ def _check_device(device: str) -> str:
 
 
 def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = None, *,
-                  memory_budget: str | int = "2GB", device: str = "cpu",
+                  memory_budget: MemoryBudget | str | int = "2GB", device: str = "cpu",
                   cache: str | Path | bool | None = None, progress: bool = True, executor: str = "local",
                   ray_address: str | None = None, delta_dtype: str = "float64") -> dict[str, TensorStats]:
     """Per-tensor Gram statistics of an observed trajectory, from the cache when it covers them
@@ -91,7 +92,8 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
         log.info("statistics for %d tensors loaded from %s", len(specs), store.path)
         return {name: loaded[name].named(name, spec.shape) for name, spec in specs.items()}
     check_precision(trajectory)  # sampled reads: only when the checkpoints are read anyway (a cache hit reads none)
-    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device), delta_dtype=delta_dtype)
+    stream = DeltaStream(trajectory, MemoryBudget.from_flag(memory_budget), _check_device(device),
+                         delta_dtype=delta_dtype)
     stats = {}
     with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",
               unit_scale=True, desc="statistics", disable=not progress) as bar:
@@ -111,8 +113,8 @@ def _pass_bytes(spec: TensorSpec, n_checkpoints: int) -> int:
 
 def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
                 overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
-                memory_budget: str | int = "2GB", device: str = "cpu", cache: str | Path | bool | None = None,
-                progress: bool = True, run_info: dict | None = None,
+                memory_budget: MemoryBudget | str | int = "2GB", device: str = "cpu",
+                cache: str | Path | bool | None = None, progress: bool = True, run_info: dict | None = None,
                 stats: dict[str, TensorStats] | None = None, executor: str = "local",
                 ray_address: str | None = None, delta_dtype: str = "float64") -> list[Path]:
     """Write ``out_dir/step-{T}`` for each target T from a fitted method: a loadable HF model folder each.
@@ -148,8 +150,8 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
 
     store = _cache(trajectory, cache, delta_dtype)
     loaded = stats or (store.load(trajectory.steps) if store else None) or {}
-    stream = DeltaStream(trajectory, budget_bytes(memory_budget), _check_device(device), n_outputs=len(targets),
-                         delta_dtype=delta_dtype)
+    stream = DeltaStream(trajectory, MemoryBudget.from_flag(memory_budget), _check_device(device),
+                         n_outputs=len(targets), delta_dtype=delta_dtype)
     ray = _ray_executor(executor, method, device, ray_address)
     materialize = ray.materialize if ray else materialize_locally
     _warn_if_inside_run(out_dir, trajectory)

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.materialize.tensor import materialize_tensor, write_block
 from relex.materialize.stream import DeltaStream
@@ -46,7 +47,7 @@ class RunContext:
     trajectory: Trajectory  # absolute paths, no readers
     method: Method | None  # fitted (for a tensor's weights from its own read); None for statistics only
     targets: list[int]
-    budget: int  # the local executor's memory budget: the same row blocks, hence the same sums
+    budget: MemoryBudget  # the local executor's: the same row blocks, hence the same sums
     version: str  # the driver's relex: a node running another one could write other bytes
     key: str  # tells this run's tasks from another's in a reused worker process
     delta_dtype: str  # the driver's stream's: exact float64 or the reference's float16 deltas
@@ -203,17 +204,17 @@ class _Tasks:
         self.context = ray.put(RunContext(trajectory, shipped, targets or [], stream.budget, __version__,
                                           uuid.uuid4().hex, stream.delta_dtype))
         self._check_memory()
-        self.gram_task = ray.remote(gram_task).options(memory=stream.budget)
-        self.values_task = ray.remote(values_task).options(memory=stream.budget)
+        self.gram_task = ray.remote(gram_task).options(memory=stream.budget.total)
+        self.values_task = ray.remote(values_task).options(memory=stream.budget.total)
         self.max_tasks = max(1, int(ray.cluster_resources().get("CPU", 1) * TASKS_PER_CPU))
         self.in_flight = 0  # tasks asked for whose answers are not used yet
 
     def _check_memory(self) -> None:
         """Each task asks Ray for one budget of memory: refuse a budget no node has rather than wait forever."""
         largest = max((node["Resources"].get("memory", 0) for node in self.ray.nodes() if node["Alive"]), default=0)
-        if largest < self.stream.budget:
-            raise RelexError(f"--memory-budget {self.stream.budget} bytes: no Ray node has that much memory for one "
-                             f"task (largest {int(largest)}); lower the budget")
+        if largest < self.stream.budget.total:
+            raise RelexError(f"--memory-budget {self.stream.budget.total} bytes: no Ray node has that much memory for "
+                             f"one task (largest {int(largest)}); lower the budget")
 
     def _grams(self, name: str) -> list[Any]:
         """One Gram task per row block of the tensor."""
@@ -300,7 +301,7 @@ class _Writing(_Tasks):
             work = active[i]
             if not work.can_ask():
                 i += 1
-            elif self.held and self.held + self._block_bytes(work) > self.stream.budget:
+            elif self.held and self.held + self._block_bytes(work) > self.stream.budget.total:
                 return
             else:
                 self._ask(work)

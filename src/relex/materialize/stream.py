@@ -17,7 +17,6 @@ on, for comparison with published numbers: torch's path only (the fused kernels 
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,22 +26,19 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.materialize.rounding import cast_into, round_once
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
 from relex.trajectory.deltas import BLOCK_KEYS
-from relex.units import parse_size
 
-FIXED_OVERHEAD = 64 << 20  # slack for small temporaries and allocator fragmentation
 CHUNK_BYTES = 2 << 20      # float64 bytes of one chunk of deltas (T+1 x columns): it stays in cache between its
                            # conversion and its products (measured: 1.3-1.9x faster than one float64 stack)
 ROW_KEYS = ("arena", "base-raw", "base64")  # the buffers ``DeltaStream.load`` reads a block's rows into
-SLOW_BUDGET = 2 * FIXED_OVERHEAD  # below it a large tensor is read a few rows per block (measured: 30 min vs 6 s)
 KERNELS_ENV = "RELEX_KERNELS"  # "torch" takes torch's kernels where the fused ones would run (tests, benchmarks)
 DELTA_DTYPES = {"float64": torch.float64, "float16": torch.float16}  # float64: exact; float16: the reference's
 
-log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
@@ -71,16 +67,6 @@ def fused_kernels() -> ModuleType | None:
     except ImportError:
         return None
     return kernels
-
-
-def budget_bytes(memory_budget: str | int) -> int:
-    """A ``--memory-budget`` in bytes, warning (once per command, not per stream) when it leaves no room for rows."""
-    budget = parse_size(memory_budget)
-    if 0 < budget < SLOW_BUDGET:
-        log.warning("--memory-budget of %d bytes leaves %d for rows beside relex's fixed %d MiB: large tensors are "
-                    "read a few rows at a time, which can be hundreds of times slower; give it at least 256MB",
-                    budget, max(budget - FIXED_OVERHEAD, 0), FIXED_OVERHEAD >> 20)
-    return budget
 
 
 def all_finite(values: torch.Tensor) -> bool:
@@ -223,15 +209,15 @@ class Block:
 class DeltaStream:
     """Block planning and block reads for the tensors of an observed trajectory."""
 
-    def __init__(self, trajectory: Trajectory, memory_budget: int, device: str = "cpu", n_outputs: int = 0,
-                 delta_dtype: str = "float64") -> None:
+    def __init__(self, trajectory: Trajectory, memory_budget: MemoryBudget | str | int, device: str = "cpu",
+                 n_outputs: int = 0, delta_dtype: str = "float64") -> None:
         if delta_dtype not in DELTA_DTYPES:
             raise RelexError(f"--delta-dtype {delta_dtype}: choose one of {', '.join(DELTA_DTYPES)}")
         self.trajectory = trajectory
         self.base = trajectory.reader(trajectory.base)
         self.readers = [trajectory.reader(c.path) for c in trajectory.checkpoints]
         self.steps = np.array(trajectory.steps, dtype=np.float64)
-        self.budget = memory_budget
+        self.budget = MemoryBudget.of(memory_budget)
         self.n_outputs = n_outputs  # targets written per tensor: their values share the budget with the rows
         self.device = torch.device(device)
         self.holds_deltas = not all(r.stores_weights for r in self.readers)
@@ -253,7 +239,7 @@ class DeltaStream:
     def blocks(self, spec: TensorSpec, stacked: bool = False) -> list[tuple[int, int]]:
         """Row ranges whose rows fit the budget (one range when the whole tensor fits)."""
         per_row = self.bytes_per_element(spec, stacked) * max(spec.row_numel, 1)
-        rows_per_block = max(1, (self.budget - FIXED_OVERHEAD) // per_row)
+        rows_per_block = max(1, self.budget.rows // per_row)
         return [(r0, min(r0 + rows_per_block, spec.rows)) for r0 in range(0, spec.rows, rows_per_block)] or [(0, 0)]
 
     def fits_stacked(self, spec: TensorSpec) -> bool:
@@ -347,7 +333,7 @@ class DeltaStream:
         buffers take up to the whole budget, so ``load``'s rows are let go first, and theirs by the next ``load``:
         the two were held at once (measured: 2.3 GB of own memory at a 2 GB budget)."""
         self._buffers.release(*ROW_KEYS)
-        return self.trajectory.deltas(name, max(self.budget - FIXED_OVERHEAD, 0), self._buffers)
+        return self.trajectory.deltas(name, self.budget.rows, self._buffers)
 
     def outputs(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
         """One reused flat output buffer of ``dtype`` per target, on the CPU where the writers take it."""

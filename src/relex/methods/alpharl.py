@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.safeio import read_json_object
 from relex.methods.base import DirectMethod, RankOnePrediction, option
@@ -112,7 +113,8 @@ class AlphaRL(DirectMethod):
             out["scores"] = {str(k): v for k, v in sorted(scores.items())}
         return out
 
-    def fit(self, trajectory: Trajectory, progress: bool = True, memory_budget: str | int = "2GB") -> "AlphaRL":
+    def fit(self, trajectory: Trajectory, progress: bool = True,
+            memory_budget: MemoryBudget | str | int = "2GB") -> "AlphaRL":
         super().fit(trajectory, progress, memory_budget)
         config = self.trajectory_.base_config()
         self.vocab_size_ = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.stats.gram import TensorStats
 from relex.trajectory import TensorDeltas, TensorSpec, Trajectory
@@ -116,7 +117,8 @@ class Method(ABC):
                 raise RelexError(f"target {target} must be a positive step")
 
     # -- estimator API ---------------------------------------------------------------------------
-    def fit(self, trajectory: Trajectory, progress: bool = True, memory_budget: str | int = "2GB") -> "Method":
+    def fit(self, trajectory: Trajectory, progress: bool = True,
+            memory_budget: MemoryBudget | str | int = "2GB") -> "Method":
         """Select the observed checkpoints (step <= cutoff) and validate them against the base.
 
         ``progress`` draws bars and ``memory_budget`` bounds the bytes held at a time for methods that read

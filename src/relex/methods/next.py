@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.memory import release_freed_memory
 from relex.methods.base import DirectMethod, RankOnePrediction, option
 from relex.methods.triplet import DeltaDifference, RowBlockMatrix, Triplet, top_singular_triplet
 from relex.trajectory import BufferPool, TensorDeltas, Trajectory
-from relex.units import format_size, parse_size
+from relex.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,11 @@ class NExt(DirectMethod):
                              f"target {early[0]} is before it")
 
     # -- learning ---------------------------------------------------------------------------------
-    def fit(self, trajectory: Trajectory, progress: bool = True, memory_budget: str | int = "2GB") -> "NExt":
+    def fit(self, trajectory: Trajectory, progress: bool = True,
+            memory_budget: MemoryBudget | str | int = "2GB") -> "NExt":
         """Read every trained tensor's deltas, collect its factors, train one predictor per group."""
         super().fit(trajectory, progress, memory_budget)
-        block_bytes, buffers = parse_size(memory_budget), BufferPool()
+        budget, buffers = MemoryBudget.of(memory_budget), BufferPool()
         steps = self.trajectory_.steps
         self.horizon_ = self.horizon or default_horizon(steps)
         pairs = [(i, steps.index(s + self.horizon_)) for i, s in enumerate(steps) if s + self.horizon_ in steps]
@@ -191,7 +193,7 @@ class NExt(DirectMethod):
         groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
         names = [n for n, s in self.specs_.items() if s.dtype.is_floating_point and s.numel > 1]
         for name in tqdm(names, desc="next: factors", disable=not progress, leave=False):
-            deltas = self.trajectory_.deltas(name, block_bytes, buffers).stacked()
+            deltas = self.trajectory_.deltas(name, budget.total, buffers).stacked()
             if len(self.specs_[name].shape) == 1:
                 stack = torch.stack([deltas.whole(t).reshape(-1) for t in range(len(steps))])
                 self._collect_vector(groups, name, stack, pairs, positions)
@@ -202,7 +204,7 @@ class NExt(DirectMethod):
         self.losses_: dict[str, float] = {}
         for (role, dim), group in tqdm(sorted(groups.items()), desc="next: predictors", disable=not progress,
                                        leave=False):
-            self._warn_beyond_budget(role, dim, block_bytes)
+            self._warn_beyond_budget(role, dim, budget)
             pred, loss = train_group(group, self.hidden, self.step_input, self.epochs, self.lr, self.seed)
             self.losses_[f"{role}:{dim}"] = loss
             for owner, row in zip(group.owners, pred):
@@ -211,16 +213,16 @@ class NExt(DirectMethod):
                  len(groups), self.losses_)
         return self
 
-    def _warn_beyond_budget(self, role: str, dim: int, budget: int) -> None:
+    def _warn_beyond_budget(self, role: str, dim: int, budget: MemoryBudget) -> None:
         """Say when a predictor's training state (float32 weights, gradients, AdamW's two moments) exceeds the
         budget: it is the method's own (the original's width, for a factor ``dim`` long), which the budget does not
         bound (1.4 GB for SmolLM2's 49152-long embedding factors: 16 bytes x 88M parameters)."""
         params = predictor_parameters(dim, self.hidden, self.step_input)
         need = 16 * params
-        if budget and need > budget:
+        if budget.total and need > budget.total:
             log.warning("next: the %s-factor predictor for length %d trains %s parameters, %s of weights, gradients "
                         "and AdamW state beyond --memory-budget %s (the method's own width; the budget bounds the "
-                        "deltas read)", role, dim, f"{params:,}", format_size(need), format_size(budget))
+                        "deltas read)", role, dim, f"{params:,}", format_size(need), format_size(budget.total))
 
     def _collect_vector(self, groups, name: str, stack: torch.Tensor, pairs: list[tuple[int, int]],
                         positions: list[float]) -> None:
