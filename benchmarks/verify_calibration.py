@@ -36,12 +36,17 @@ MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0)
 GRADER = "relex.lab.tasks:Task.verify"  # the lab's reward: exact match
 
 
+def lab_name(profile: str, seed: int, lora: bool, kernels: str, model: str, lr: float | None) -> str:
+    """The folder name of one case's lab run (also its name in the JSON)."""
+    name = f"{'' if model == 'tiny' else model + '-'}{profile}-s{seed}-{'lora' if lora else 'full'}-{kernels}"
+    return name if lr is None else f"{name}-lr{lr:g}"
+
+
 def make_lab(root: Path, profile: str, seed: int, lora: bool, kernels: str, model: str = "tiny",
              lr: float | None = None, threads: int = 2) -> Path:
     """A finished lab run in ``root`` (reused when present), its torch kernels set by ATEN_CPU_CAPABILITY. The
     LLM lab's run is trained only (``train_llm_run``): this script scores its candidates itself."""
-    name = f"{'' if model == 'tiny' else model + '-'}{profile}-s{seed}-{'lora' if lora else 'full'}-{kernels}"
-    out = root / (name if lr is None else f"{name}-lr{lr:g}")
+    out = root / lab_name(profile, seed, lora, kernels, model, lr)
     if model != "tiny":
         if not (out / "verify.jsonl").exists():
             from relex.lab.cli import _with_lr
@@ -152,16 +157,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--labs", type=Path, default=Path(tempfile.gettempdir()) / "relex-verify-calibration")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--resume", type=Path, help="a JSON this script wrote: its cases are kept, not run again")
     args = parser.parse_args()
 
     steps = None
     if args.model != "tiny":
         from relex.lab.llm_profiles import LLM_PROFILES
         steps = LLM_PROFILES[args.profile].rl.steps
-    cases = []
+    cases = json.loads(args.resume.read_text())["cases"] if args.resume else []
+    done = {c["lab"] for c in cases}
     for seed in args.seeds:  # seed outermost: a calibration stopped early holds both kinds of run
         for lora in {"no": [False], "yes": [True], "both": [False, True]}[args.lora]:
             for kernels in args.kernels:
+                if lab_name(args.profile, seed, lora, kernels, args.model, None if lora else args.lr) in done:
+                    continue
                 lab = make_lab(args.labs, args.profile, seed, lora, kernels, args.model, None if lora else args.lr,
                                args.threads)
                 case = score_case(lab, args.cutoff, args.multiples, args.shrinks, args.max_new_tokens, seed=0,
