@@ -31,11 +31,9 @@ from relex.errors import RelexError
 from relex.materialize.rounding import cast_into, round_once
 from relex.stats.gram import TensorStats, gram_of
 from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
-from relex.trajectory.deltas import BLOCK_KEYS
 
 CHUNK_BYTES = 2 << 20      # float64 bytes of one chunk of deltas (T+1 x columns): it stays in cache between its
                            # conversion and its products (measured: 1.3-1.9x faster than one float64 stack)
-ROW_KEYS = ("arena", "base-raw", "base64")  # the buffers ``DeltaStream.load`` reads a block's rows into
 KERNELS_ENV = "RELEX_KERNELS"  # "torch" takes torch's kernels where the fused ones would run (tests, benchmarks)
 DELTA_DTYPES = {"float64": torch.float64, "float16": torch.float16}  # float64: exact; float16: the reference's
 
@@ -223,6 +221,9 @@ class DeltaStream:
         self.holds_deltas = not all(r.stores_weights for r in self.readers)
         self.delta_dtype = delta_dtype
         self._buffers = BufferPool(self.device)
+        # the CPU buffers ``load`` reads a block's rows into, and those of a direct method's row blocks (``deltas``):
+        # each set takes up to the whole budget, so each reader lets the other's go first
+        self._load_buffers, self._deltas_buffers = self._buffers.scope("load"), self._buffers.scope("deltas")
         # files are read, and chunks computed, side by side (both release the GIL): a thread per core
         self.workers = max(1, torch.get_num_threads())
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="relex", initializer=_single_threaded_ops)
@@ -270,14 +271,14 @@ class DeltaStream:
         row_dtype, n_rows = (torch.float64, t) if self.holds_deltas else (spec.dtype, t + 1)
         row_bytes = -(-n_rows * n * row_dtype.itemsize // 8) * 8  # the scratch after it starts 8-byte aligned
         scratch_bytes = workers * (t + 1) * columns * 8 if on_cpu else 0
-        self._buffers.release(*BLOCK_KEYS)  # a direct method's row blocks (``deltas``) are done with
-        arena = self.buffer("arena", (row_bytes + scratch_bytes,), torch.uint8, torch.device("cpu"))
+        self._deltas_buffers.release()  # a direct method's row blocks (``deltas``) are done with
+        arena = self._load_buffers.get("arena", (row_bytes + scratch_bytes,), torch.uint8, torch.device("cpu"))
         rows = arena[:n_rows * n * row_dtype.itemsize].view(row_dtype).view(n_rows, n)
         if self.holds_deltas:
-            base_raw = self.buffer("base-raw", (n,), spec.dtype, torch.device("cpu"))
+            base_raw = self._load_buffers.get("base-raw", (n,), spec.dtype, torch.device("cpu"))
             base = self._read_into(self.base, name, r0, r1, base_raw)
-            base64 = self.buffer("base64", (n,), torch.float64, torch.device("cpu")).copy_(base)
-            raw = self.buffer("raw", (n * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
+            base64 = self._load_buffers.get("base64", (n,), torch.float64, torch.device("cpu")).copy_(base)
+            raw = self._load_buffers.get("raw", (n * spec.dtype.itemsize,), torch.uint8, torch.device("cpu"))
             for i, reader in enumerate(self.readers):
                 reader.read_delta(name, r0, r1, base=base64, out=rows[i], buffer=raw)
         else:
@@ -332,8 +333,8 @@ class DeltaStream:
         """One tensor's deltas in row blocks within the budget (for methods that are not weighted sums). Their
         buffers take up to the whole budget, so ``load``'s rows are let go first, and theirs by the next ``load``:
         the two were held at once (measured: 2.3 GB of own memory at a 2 GB budget)."""
-        self._buffers.release(*ROW_KEYS)
-        return self.trajectory.deltas(name, self.budget.rows, self._buffers)
+        self._load_buffers.release()
+        return self.trajectory.deltas(name, self.budget.rows, self._deltas_buffers)
 
     def outputs(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
         """One reused flat output buffer of ``dtype`` per target, on the CPU where the writers take it."""

@@ -10,6 +10,7 @@ factors, whose products methods need never form.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -24,15 +25,27 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (left, right): a delta as their p
 
 
 class BufferPool:
-    """Reused buffers by key that only ever grow: no allocation or page faults per tensor or per block."""
+    """Reused buffers by key that only ever grow: no allocation or page faults per tensor or per block.
+
+    A ``scope`` is a view of the same pool with keys of its own: a reader lets go of another reader's buffers
+    (two sets that each fill the budget must not be held at once) by releasing its scope, not by naming its keys.
+    """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._prefix = ""  # a scope's keys: "name/" (the whole pool: "")
+
+    def scope(self, name: str) -> BufferPool:
+        """A view of this pool whose keys are its own (stored as ``name/key``), released together."""
+        view = copy.copy(self)  # the same buffers
+        view._prefix = f"{self._prefix}{name}/"
+        return view
 
     def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
             device: torch.device | None = None) -> torch.Tensor:
         """A view of shape ``shape`` of buffer ``key`` (valid until the next ``get`` of that key)."""
+        key = self._prefix + key
         numel = 1
         for d in shape:
             numel *= d
@@ -42,10 +55,10 @@ class BufferPool:
             have = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device or self.device)
         return have[:numel].view(shape)
 
-    def release(self, *keys: str) -> None:
-        """Let buffers go (two sets of buffers that each fill the budget must not be held at once)."""
-        for key in keys:
-            self._buffers.pop(key, None)
+    def release(self) -> None:
+        """Let go of every buffer of this scope (of the whole pool, scopes included, at its root)."""
+        for key in [k for k in self._buffers if k.startswith(self._prefix)]:
+            del self._buffers[key]
 
 
 @dataclass(frozen=True)
@@ -107,15 +120,12 @@ class StackedDeltas(TensorDeltas):
         yield RowBlock(0, self.shape[0], self.base, [self.stack[t].view(self.shape) for t in checkpoints])
 
 
-BLOCK_KEYS = ("base", "stack")  # ReadDeltas' float64 buffers in its pool (its "raw" bytes are shared with others)
-
-
 class ReadDeltas(TensorDeltas):
     """Deltas read from the files block by block, at most ``block_bytes`` live per visit.
 
     A visit reads the base's rows and each asked-for checkpoint's (``read_delta``: exact float64 deltas, a
-    LoRA checkpoint's from its factors) into ``buffers`` (the streaming engine's own pool, so reading the
-    stack and reading these blocks share memory); the buffers are reused across blocks and visits.
+    LoRA checkpoint's from its factors) into ``buffers`` (the streaming engine's: a scope of its pool, let go
+    before it reads a stack of rows); the buffers are reused across blocks and visits.
     """
 
     def __init__(self, base: CheckpointReader, readers: Sequence[CheckpointReader | AdapterReader], name: str,
