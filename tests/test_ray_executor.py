@@ -20,7 +20,7 @@ ROW_BLOCK_BUDGET = str(FIXED_OVERHEAD + 10_000)
 
 def in_row_blocks(base: Path, run: Path, name: str, n_outputs: int, cutoff: int | None = None) -> bool:
     stream = DeltaStream(Trajectory.discover(base, run).observed(cutoff), int(ROW_BLOCK_BUDGET), n_outputs=n_outputs)
-    return len(stream.blocks(stream.base.specs[name])) > 1
+    return len(stream.row_ranges(stream.base.specs[name])) > 1
 
 
 @pytest.fixture(scope="module")

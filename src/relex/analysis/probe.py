@@ -98,7 +98,7 @@ class WeightLoader:
             if not spec.dtype.is_floating_point or spec.numel == 0:
                 continue  # integer buffers are not trained
             row = np.asarray(weights[name] if isinstance(weights, dict) else weights, dtype=np.float64)[None, :]
-            for r0, r1 in stream.blocks(spec):
+            for r0, r1 in stream.row_ranges(spec):
                 rows = target[r0 * spec.row_numel:r1 * spec.row_numel]
                 [values] = stream.load(name, r0, r1).weighted_sums(row, [rows])
                 if not all_finite(values):

@@ -163,7 +163,7 @@ def extrapolate(method: Method, out_dir: str | Path, targets: Sequence[int], *,
         for folder in folders:
             writers.append(ModelFolderWriter(folder, trajectory.base, config, planned, parse_size(max_shard_size)))
         order = writers[0].order
-        passes = {n: 1 if n in loaded or len(stream.blocks(specs[n])) == 1 else 2 for n in order}
+        passes = {n: 1 if n in loaded or len(stream.row_ranges(specs[n])) == 1 else 2 for n in order}
         total = sum(_pass_bytes(specs[n], len(trajectory.steps)) * passes[n] for n in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} -> {len(targets)} target(s)",
                   disable=not progress) as bar:
@@ -226,7 +226,7 @@ def _warn_if_buffers_moved(stream: DeltaStream, specs: dict[str, TensorSpec]) ->
     if not last.stores_weights:
         return
     moved = [name for name, spec in specs.items() if not spec.dtype.is_floating_point and spec.numel and any(
-        not torch.equal(stream.base.read(name, r0, r1), last.read(name, r0, r1)) for r0, r1 in stream.blocks(spec))]
+        not torch.equal(stream.base.read(name, r0, r1), last.read(name, r0, r1)) for r0, r1 in stream.row_ranges(spec))]
     if moved:
         log.warning("%d integer or bool tensor(s) differ between the base and step %d and are written with the "
                     "base's values (relex extrapolates floating-point tensors only): %s%s", len(moved),

@@ -218,7 +218,8 @@ class _Tasks:
 
     def _grams(self, name: str) -> list[Any]:
         """One Gram task per row block of the tensor."""
-        tasks = [self.gram_task.remote(self.context, name, r0, r1) for r0, r1 in self.stream.blocks(self.specs[name])]
+        ranges = self.stream.row_ranges(self.specs[name])
+        tasks = [self.gram_task.remote(self.context, name, r0, r1) for r0, r1 in ranges]
         self.in_flight += len(tasks)
         return tasks
 
@@ -309,15 +310,15 @@ class _Writing(_Tasks):
     def _start(self, name: str) -> _TensorWork:
         """Plan a tensor: copied here, weights from cached statistics, or Gram tasks first when in several blocks."""
         spec = self.specs[name]
-        blocks = self.stream.blocks(spec)
-        work = _TensorWork(name, spec, self.out_dtype[name], deque(blocks))
+        ranges = self.stream.row_ranges(spec)
+        work = _TensorWork(name, spec, self.out_dtype[name], deque(ranges))
         if name in self.loaded:
             work.stats = self.loaded[name].named(name, spec.shape)
         if not spec.dtype.is_floating_point or spec.numel == 0:
             work.local = True
         elif work.stats is not None:
             work.weights = self.method.shrunk_weights(work.stats, self.targets)
-        elif len(blocks) > 1:
+        elif len(ranges) > 1:
             work.grams = self._grams(name)
         return work
 

@@ -198,7 +198,7 @@ class Block:
         self.map_chunks(fill)
         return outs
 
-    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def stack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(every delta, T x n, and the base, n) in float64, for a block loaded ``stacked``."""
         [(deltas, base)] = self.map_chunks(lambda _, deltas, base: (deltas, base))
         return deltas, base
@@ -237,7 +237,7 @@ class DeltaStream:
         device_copy = rows if self.device.type != "cpu" else 0  # the rows again on the device
         return rows + device_copy + self.n_outputs * 8 + (8 * (t + 1) if stacked else 0)
 
-    def blocks(self, spec: TensorSpec, stacked: bool = False) -> list[tuple[int, int]]:
+    def row_ranges(self, spec: TensorSpec, stacked: bool = False) -> list[tuple[int, int]]:
         """Row ranges whose rows fit the budget (one range when the whole tensor fits)."""
         per_row = self.bytes_per_element(spec, stacked) * max(spec.row_numel, 1)
         rows_per_block = max(1, self.budget.rows // per_row)
@@ -245,7 +245,7 @@ class DeltaStream:
 
     def fits_stacked(self, spec: TensorSpec) -> bool:
         """Whether the whole tensor's float64 stack fits the budget beside its rows (one block, converted once)."""
-        return len(self.blocks(spec, stacked=True)) == 1
+        return len(self.row_ranges(spec, stacked=True)) == 1
 
     def buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
                device: torch.device | None = None) -> torch.Tensor:
@@ -254,7 +254,7 @@ class DeltaStream:
 
     def load(self, name: str, r0: int, r1: int, stacked: bool = False) -> Block:
         """Rows r0:r1 of tensor ``name`` from the base and every observed checkpoint, read once; ``stacked``
-        (the block's float64 stack fits the budget, ``fits_stacked``) keeps the whole stack for ``Block.whole``.
+        (the block's float64 stack fits the budget, ``fits_stacked``) keeps the whole stack for ``Block.stack``.
 
         The rows and the float64 scratch share one buffer, so the largest block sets the memory, not the
         largest rows of one tensor plus the largest scratch of another.
@@ -307,7 +307,7 @@ class DeltaStream:
         if block is not None:
             gram = block.gram()
         else:
-            gram = sum(self.load(name, r0, r1).gram() for r0, r1 in self.blocks(spec))
+            gram = sum(self.load(name, r0, r1).gram() for r0, r1 in self.row_ranges(spec))
         return self.checked_stats(name, spec, gram.numpy())
 
     def checked_stats(self, name: str, spec: TensorSpec, gram: np.ndarray) -> TensorStats:
@@ -321,10 +321,10 @@ class DeltaStream:
         bad = ~np.isfinite(np.diag(stats.gram))
         if not bad.any():
             return
-        base_bad = any(not all_finite(self.base.read(name, r0, r1)) for r0, r1 in self.blocks(spec))
+        base_bad = any(not all_finite(self.base.read(name, r0, r1)) for r0, r1 in self.row_ranges(spec))
         culprit = self.base if base_bad else self.readers[int(np.flatnonzero(bad)[0])]
         if self.delta_dtype == "float16" and all(all_finite(culprit.read(name, r0, r1))
-                                                 for r0, r1 in self.blocks(spec)):
+                                                 for r0, r1 in self.row_ranges(spec)):
             raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' overflows float16 (beyond 65504) under "
                              "--delta-dtype float16; use the default float64")
         raise RelexError(f"{culprit.file_of(name)}: tensor '{name}' contains NaN or Inf")

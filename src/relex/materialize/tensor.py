@@ -27,9 +27,9 @@ def materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype: 
                         targets: list[int], cached: TensorStats | None,
                         writers: list[ModelFolderWriter]) -> TensorStats:
     """Statistics, weights and every target's values for one tensor; returns its statistics."""
-    blocks = stream.blocks(spec)
+    ranges = stream.row_ranges(spec)
     if not spec.dtype.is_floating_point or spec.numel == 0:  # integer buffers are not trained: copy them through
-        for r0, r1 in blocks:
+        for r0, r1 in ranges:
             block = stream.base.read(name, r0, r1)
             for writer in writers:
                 writer.weights.write(name, block.to(dtype))
@@ -37,12 +37,12 @@ def materialize_tensor(stream: DeltaStream, name: str, spec: TensorSpec, dtype: 
     if isinstance(method, DirectMethod):
         return materialize_direct(stream, name, spec, dtype, method, targets, cached, writers)
     block = None
-    if len(blocks) == 1 and cached is None:
-        block = stream.load(name, *blocks[0])
+    if len(ranges) == 1 and cached is None:
+        block = stream.load(name, *ranges[0])
     stats = cached or stream.stats(name, spec, block)
     weights = method.shrunk_weights(stats, targets)
-    for r0, r1 in blocks:
-        if block is None or len(blocks) > 1:
+    for r0, r1 in ranges:
+        if block is None or len(ranges) > 1:
             block = stream.load(name, r0, r1)
         shape = (r1 - r0,) + spec.shape[1:] if spec.shape else ()
         outs = block.weighted_sums(weights, stream.outputs(dtype, block.numel))
@@ -60,7 +60,7 @@ def materialize_direct(stream: DeltaStream, name: str, spec: TensorSpec, dtype: 
         block = stream.load(name, 0, spec.rows, stacked=True)
         stats = cached or stream.stats(name, spec, block)
         # the files' deltas give the factors only (LoRA): no rows are read through them, nor buffers taken
-        deltas = StackedDeltas(*block.whole(), spec.shape, source=stream.trajectory.deltas(name, 0))
+        deltas = StackedDeltas(*block.stack(), spec.shape, source=stream.trajectory.deltas(name, 0))
     else:
         stats = cached or stream.stats(name, spec)
         deltas = stream.deltas(name)
