@@ -69,15 +69,20 @@ class Score:
                 "outcomes": self.outcome_string}
 
 
-def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> PreTrainedTokenizerBase:
-    """The folder's own tokenizer, else the one in ``fallback`` (relex outputs may carry none)."""
+def tokenizer_folder(model_dir: Path, fallback: Path | None = None) -> Path:
+    """The folder whose tokenizer scores ``model_dir``: its own, else ``fallback``'s (relex outputs may carry none)."""
     for source in (model_dir, fallback):
         if source is not None and (Path(source) / "tokenizer_config.json").exists():
-            tok = AutoTokenizer.from_pretrained(source)
-            tok.padding_side = "left"
-            return tok
+            return Path(source)
     raise FileNotFoundError(f"no tokenizer in {model_dir}" + (f" or {fallback}" if fallback else "") +
                             "; pass --tokenizer DIR")
+
+
+def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``tokenizer_folder(model_dir, fallback)``, padding on the left for batched decoding."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir, fallback))
+    tok.padding_side = "left"
+    return tok
 
 
 def load_model(model_dir: Path, adapter_base: Path | None = None) -> PreTrainedModel:
