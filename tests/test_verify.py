@@ -88,11 +88,12 @@ def test_verdict_json_has_every_candidate_and_disjoint_parts():
 SEVEN = 9  # the pico tokenizer's id of "7"
 
 
-def answer_run(tmp_path, gain: bool, steps=(1, 2, 3, 4), n=80):
+def answer_run(tmp_path, gain: bool, steps=(1, 2, 3, 4), n=80, base_model=None):
     """A pico run whose lm_head row of "7" moves linearly towards the prompts' mean final hidden state.
 
     ``gain``: every answer is "7", so the run gains with the horizon (stopping at step 4 is ~20% right); else
     every answer is the base's own greedy token, so the run moves away from them and extrapolation collapses.
+    ``base_model``: saves the base in a folder (default conftest's save_pico_model).
     Returns (base, run, dataset file, a target far enough to answer ~95% with "7")."""
     import json
     import random
@@ -103,7 +104,7 @@ def answer_run(tmp_path, gain: bool, steps=(1, 2, 3, 4), n=80):
 
     from conftest import make_tokenizer, save_pico_model
 
-    base = save_pico_model(tmp_path / "base")
+    base = (base_model or save_pico_model)(tmp_path / "base")
     tok = make_tokenizer()
     rng = random.Random(0)
     prompts = ["".join(rng.choice("0123456789+= abc") for _ in range(rng.randint(3, 7))) for _ in range(4 * n)]

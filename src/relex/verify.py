@@ -188,38 +188,33 @@ def load_grader(spec: str | None) -> Callable[[str, str], bool]:
     return fn
 
 
-class ModelScorer:
-    """Scores candidates by streaming their weights into one loaded model (never written to disk) and decoding
-    greedily, batched, with a KV cache; each problem's outcome for a candidate is computed once."""
+class CandidateScorer:
+    """Right or wrong per (candidate, problem), each decoded once: a subclass holds one model, loads a candidate's
+    weights into it only when another's are there (``load``) and decodes rendered problems greedily (``complete``).
+    Weights are streamed in (the probe's WeightLoader), never written to disk."""
 
     def __init__(self, trajectory: "Trajectory", method: "Method", stats: dict[str, "TensorStats"],
-                 items: Sequence["Problem"], *, max_new_tokens: int = 512, batch_size: int = 64,
-                 device: str = "cpu", memory_budget: str | int = "2GB", grader: str | None = None) -> None:
-        import torch
+                 items: Sequence["Problem"], *, max_new_tokens: int = 512, device: str = "cpu",
+                 memory_budget: str | int = "2GB", grader: str | None = None) -> None:
         try:
             import transformers
-            from transformers import AutoModelForCausalLM
+
+            from relex.eval.scoring import load_tokenizer
         except ImportError:
             raise RelexError("--verify runs the models: it needs the eval extra (pip install 'relex-rlvr[eval]')") \
                 from None
-
         from relex.analysis.probe import WeightLoader
         from relex.eval.dataset import check_prompts, context_length, render_items
-        from relex.eval.scoring import load_tokenizer
 
         self.method, self.stats, self.steps = method, stats, trajectory.steps
-        self.max_new_tokens, self.batch_size, self.grade = max_new_tokens, batch_size, load_grader(grader)
+        self.max_new_tokens, self.grade = max_new_tokens, load_grader(grader)
         self.loader = WeightLoader(trajectory, memory_budget, device)
         transformers.utils.logging.disable_progress_bar()  # relex draws its own; its errors are one line
         try:
             self.tokenizer = load_tokenizer(trajectory.base, trajectory.checkpoints[-1].path)
-            self.model = AutoModelForCausalLM.from_pretrained(trajectory.base, dtype="auto", local_files_only=True,
-                                                              attn_implementation="eager").eval()
         except (OSError, ValueError) as exc:
-            raise RelexError(f"{trajectory.base}: cannot load the base model and tokenizer for --verify "
+            raise RelexError(f"{trajectory.base}: cannot load the tokenizer for --verify "
                              f"({str(exc).splitlines()[0]})") from None
-        self.model.to(torch.device(self.loader.device))
-        self.loader.check(self.model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.problems = render_items(list(items), self.tokenizer)
@@ -234,20 +229,80 @@ class ModelScorer:
             return {name: last for name in self.stats}
         return {name: c.shrink * self.method.weights(s, [c.target])[0] for name, s in self.stats.items()}
 
-    def __call__(self, c: Candidate | None, indices: np.ndarray) -> np.ndarray:
-        from relex.eval.scoring import greedy_completions
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        """Put W_0 + sum_t weights[t] (W_t - W_0) into the model (``weights``: per tensor, from ``self.weights``)."""
+        raise NotImplementedError
 
+    def complete(self, problems: list["Problem"]) -> list[str]:
+        """The model's greedy completion of each rendered problem, decoded to text."""
+        raise NotImplementedError
+
+    def __call__(self, c: Candidate | None, indices: np.ndarray) -> np.ndarray:
         seen = self.seen.setdefault(c, {})
         todo = [int(i) for i in indices if int(i) not in seen]
         if todo:
             if self.loaded != c:
-                self.loader.load(self.model, self.steps, self.weights(c))
+                self.load(self.weights(c))
                 self.loaded = c
             problems = [self.problems[i] for i in todo]
-            texts = greedy_completions(self.model, self.tokenizer, problems, self.max_new_tokens, self.batch_size)
-            for i, text, p in zip(todo, texts, problems, strict=True):
+            for i, text, p in zip(todo, self.complete(problems), problems, strict=True):
                 seen[i] = bool(self.grade(text, p.answer))
         return np.array([seen[int(i)] for i in indices], dtype=bool)
+
+
+class ModelScorer(CandidateScorer):
+    """Scores candidates in one loaded transformers model: greedy ``generate``, batched, with a KV cache."""
+
+    def __init__(self, trajectory: "Trajectory", method: "Method", stats: dict[str, "TensorStats"],
+                 items: Sequence["Problem"], *, max_new_tokens: int = 512, batch_size: int = 64,
+                 device: str = "cpu", memory_budget: str | int = "2GB", grader: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(trajectory, method, stats, items, max_new_tokens=max_new_tokens, device=device,
+                         memory_budget=memory_budget, grader=grader)
+        self.batch_size = batch_size
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(trajectory.base, dtype="auto", local_files_only=True,
+                                                              attn_implementation="eager").eval()
+        except (OSError, ValueError) as exc:
+            raise RelexError(f"{trajectory.base}: cannot load the base model for --verify "
+                             f"({str(exc).splitlines()[0]})") from None
+        self.model.to(torch.device(self.loader.device))
+        self.loader.check(self.model)
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        self.loader.load(self.model, self.steps, weights)
+
+    def complete(self, problems: list["Problem"]) -> list[str]:
+        from relex.eval.scoring import greedy_completions
+
+        return greedy_completions(self.model, self.tokenizer, problems, self.max_new_tokens, self.batch_size)
+
+
+class VllmScorer(CandidateScorer):
+    """Scores candidates in one vLLM engine built from the base folder, each candidate's weights loaded into it in
+    place (``relex.eval.vllm_engine``); prompts are tokenized, and completions decoded, by ModelScorer's tokenizer.
+    vLLM batches by itself: there is no batch size."""
+
+    def __init__(self, trajectory: "Trajectory", method: "Method", stats: dict[str, "TensorStats"],
+                 items: Sequence["Problem"], *, max_new_tokens: int = 512, device: str = "cpu",
+                 memory_budget: str | int = "2GB", grader: str | None = None) -> None:
+        from relex.eval.scoring import tokenizer_folder
+        from relex.eval.vllm_engine import WeightPairs, open_engine
+
+        super().__init__(trajectory, method, stats, items, max_new_tokens=max_new_tokens, device=device,
+                         memory_budget=memory_budget, grader=grader)
+        self.engine = open_engine(Path(trajectory.base), tokenizer_folder(trajectory.base,
+                                                                          trajectory.checkpoints[-1].path))
+        self.pairs = WeightPairs(self.loader, self.engine.dtype)  # in the engine's dtype: rounded once
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        self.engine.load(self.pairs(self.steps, weights))
+
+    def complete(self, problems: list["Problem"]) -> list[str]:
+        ids = self.tokenizer([p.prompt for p in problems])["input_ids"]
+        return self.tokenizer.batch_decode(self.engine.generate(ids, self.max_new_tokens), skip_special_tokens=True)
 
 
 def plot_verdict(verdict: Verdict, path: Path) -> None:
@@ -302,6 +357,7 @@ class VerifyOptions:
     batch_size: int = 64
     grader: str | None = None
     record: Path | None = None  # verify.json's copy wherever the user wants it, published or not
+    backend: str = "hf"  # hf: ModelScorer; vllm: VllmScorer (one engine, weights reloaded in place)
 
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
@@ -322,18 +378,36 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="problems decoded together (default %(default)s)")
     g.add_argument("--grader", metavar="MODULE:FUNCTION",
                    help="grade with your function (completion, answer) -> bool instead of math-verify's")
+    g.add_argument("--backend", choices=("hf", "vllm"), default="hf", type=_backend,
+                   help="score candidates in transformers (default) or in one vLLM engine whose weights are "
+                        "reloaded in place for each (needs vllm and a CUDA GPU)")
+
+
+def _backend(name: str) -> str:
+    """argparse type of ``--backend``: vllm is refused before any work where the package or a CUDA GPU is missing."""
+    if name == "vllm":
+        from relex.eval.dataset import check_backend
+
+        try:
+            check_backend(name)
+        except RelexError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("--backend ")) from None
+    return name
 
 
 def verify_options(args: argparse.Namespace, shrinks: Sequence[float] | None = None) -> VerifyOptions | None:
     """The parsed ``--verify`` settings (None without ``--verify``); ``shrinks`` default to the grid."""
     if args.verify is None:
+        if args.backend != "hf":
+            raise RelexError(f"--backend {args.backend} chooses how --verify scores its candidates: pass --verify")
         return None
     if not math.isfinite(args.verify_margin) or args.verify_margin < 0:
         raise RelexError(f"--verify-margin {args.verify_margin}: give a finite number of standard errors, at least 0")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise RelexError("--max-new-tokens and --batch-size must be at least 1")
     return VerifyOptions(args.verify, tuple(shrinks or DEFAULT_SHRINKS), args.verify_margin, args.verify_seed,
-                         args.verify_share, args.max_new_tokens, args.batch_size, args.grader, args.verify_json)
+                         args.verify_share, args.max_new_tokens, args.batch_size, args.grader, args.verify_json,
+                         args.backend)
 
 
 def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path, options: VerifyOptions, *,
@@ -360,9 +434,10 @@ def verified_extrapolate(method: "Method", targets: Sequence[int], out_dir: Path
     trajectory = method.trajectory_
     method.check_targets(targets, trajectory.steps)
     stats = stats or compute_stats(trajectory, **engine, progress=progress)
-    scorer = ModelScorer(trajectory, method, stats, items, max_new_tokens=options.max_new_tokens,
-                         batch_size=options.batch_size, device=engine.get("device", "cpu"),
-                         memory_budget=engine.get("memory_budget", "2GB"), grader=options.grader)
+    common = {"max_new_tokens": options.max_new_tokens, "device": engine.get("device", "cpu"),
+              "memory_budget": engine.get("memory_budget", "2GB"), "grader": options.grader}
+    scorer = (VllmScorer(trajectory, method, stats, items, **common) if options.backend == "vllm" else
+              ModelScorer(trajectory, method, stats, items, batch_size=options.batch_size, **common))
     candidates = [Candidate(int(t), float(s)) for t in sorted(set(targets)) for s in dict.fromkeys(options.shrinks)]
     worst = len(items) * (len(candidates) + 1) + len(items)
     with tqdm(total=worst, desc=f"verify {len(candidates)} candidates", unit="answer", disable=not progress) as bar:
