@@ -10,12 +10,17 @@ the budget bounds) and total RSS (which also counts touched pages of memory-mapp
 with two devices, reports how far their outputs' deltas disagree (max |a - b| / max |a - base|, which
 should stay below 1e-6). ``--reference`` also times the public RELEX reference pipeline's algorithm (re-implemented from its
 description in reference_pipeline.py: a float16 delta store on disk, then a float32 SVD per tensor).
+``--independent`` also times an independent public implementation's algorithm (basetenlabs/relex-replication,
+re-implemented in independent_relex.py: float16 deltas, float32 Gram over 1M-element blocks, two passes, 16
+reader threads). Each of their outputs is compared with relex's (the first device's): the share of elements that
+differ, the largest difference in ulps of the stored dtype, and max |a - b| / max |relex - base|.
 ``--lab-dir LAB`` times a finished run instead (LAB/base and LAB/run, e.g. a ``relex lab`` folder, LoRA ones
 included) from ``--cutoff`` to the run's last step.
 Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
     python benchmarks/bench_extrapolate.py --model small
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --dtype float32 --budget whole --budget eighth --reference
+    python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget whole --budget eighth --reference --independent
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget 2GB --budget 256MB
     python benchmarks/bench_extrapolate.py --model small --method relex --method alpharl --method next --budget 256MB
     python benchmarks/bench_extrapolate.py --model qwen2.5-0.5b --budget whole --budget eighth --device cpu --device cuda
@@ -149,18 +154,58 @@ def named_budget(budget: str, run: Path) -> str:
 
 
 def time_reference(scratch: Path, target_index: int) -> dict:
-    """The reference pipeline's two stages (reference_pipeline.py), each timed as a subprocess."""
+    """The reference pipeline's two stages (reference_pipeline.py), each timed as a subprocess; its output is
+    left in scratch/reference-out for the comparison with relex's."""
     script = str(Path(__file__).with_name("reference_pipeline.py"))
     store, out = scratch / "reference-deltas", scratch / "reference-out"
+    shutil.rmtree(out, ignore_errors=True)
     pre = measure([sys.executable, script, "precompute", str(scratch / "base"), str(scratch / "run"), str(store)])
     ext = measure([sys.executable, script, "extrapolate", str(scratch / "base"), str(store), str(out),
                    "--target-index", str(target_index)])
     store_bytes = sum(f.stat().st_size for f in store.iterdir())
     shutil.rmtree(store)
-    shutil.rmtree(out)
     return {"reference_seconds": pre["seconds"] + ext["seconds"], "reference_precompute_seconds": pre["seconds"],
             "reference_svd_seconds": ext["seconds"], "reference_peak_anon_bytes": max(pre["peak_anon"], ext["peak_anon"]),
             "reference_store_bytes": store_bytes}
+
+
+def time_independent(scratch: Path, cutoff: int, target: int, repeat: int) -> dict:
+    """The independent implementation (independent_relex.py) as one subprocess, the fastest of ``repeat`` runs;
+    its output is left in scratch/independent-out for the comparison with relex's."""
+    out = scratch / "independent-out"
+    cmd = [sys.executable, str(Path(__file__).with_name("independent_relex.py")), "--base", str(scratch / "base"),
+           "--run", str(scratch / "run"), "--cutoff", str(cutoff), "--target", str(target), "--out", str(out)]
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(measure(cmd))
+    best = min(runs, key=lambda r: r["seconds"])
+    return {"independent_seconds": best["seconds"], "independent_peak_anon_bytes": best["peak_anon"],
+            "independent_peak_rss_bytes": best["peak_rss"]}
+
+
+def compare(other: Path, relex: Path, base: Path) -> dict:
+    """How far another implementation's output is from relex's: the share of elements that differ; the largest
+    difference in units in the last place of the larger of the two values (in the stored dtype; where w_0 + delta
+    nearly cancels, float16 deltas can be off by many of the result's ulps); and the largest difference relative
+    to the update, max |a - b| / max |b - base| over the model (float64)."""
+    from relex.trajectory import CheckpointReader
+
+    fa, fb, f0 = CheckpointReader(other), CheckpointReader(relex), CheckpointReader(base)
+    differ = total = 0
+    ulps = worst = scale = 0.0
+    for name, spec in fb.specs.items():
+        a, b, z = (f.read(name).double() for f in (fa, fb, f0))
+        if not b.numel():
+            continue
+        diff = (a - b).abs()
+        differ, total = differ + int((diff > 0).sum()), total + b.numel()
+        _, exponent = torch.frexp(torch.maximum(a.abs(), b.abs()))  # x = m 2^e, m in [0.5, 1): ulp = eps 2^(e-1)
+        ulp = torch.ldexp(torch.full_like(diff, torch.finfo(spec.dtype).eps), exponent - 1)
+        ulps = max(ulps, (diff / ulp).max().item())
+        worst, scale = max(worst, diff.max().item()), max(scale, (b - z).abs().max().item())
+    return {"differ_share": differ / total if total else 0.0, "max_ulps": ulps,
+            "max_rel_to_update": worst / scale if scale else worst}
 
 
 def disagreement(a: Path, b: Path, base: Path) -> float:
@@ -189,6 +234,9 @@ def main() -> None:
     parser.add_argument("--drift", choices=["dense", "rank1"], default="dense", help="each tensor's drift direction")
     parser.add_argument("--device", action="append", help="relex extrapolate --device; repeatable (default cpu)")
     parser.add_argument("--reference", action="store_true", help="also time the reference pipeline's algorithm")
+    parser.add_argument("--independent", action="store_true",
+                        help="also time the independent implementation's algorithm (independent_relex.py; "
+                             "full-weight runs)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each timing; the fastest is reported")
     parser.add_argument("--scratch", type=Path, help="where to generate the run (default: a temp folder)")
     parser.add_argument("--keep", type=Path, help="generate the run here, or reuse it if there, and keep it")
@@ -218,6 +266,9 @@ def main() -> None:
             target = 4 * len(steps)
         input_bytes = sum(os.path.getsize(f) for f in files)
         reference = time_reference(scratch, target - 1) if args.reference else {}
+        independent = time_independent(scratch, steps[-1], target, args.repeat) if args.independent else {}
+        others = {k: scratch / f"{k}-out" for k, on in (("reference", args.reference),
+                                                          ("independent", args.independent)) if on}
         rows = []
         for name in budgets:
             budget = named_budget(name, scratch)
@@ -238,21 +289,28 @@ def main() -> None:
                                  "budget_bytes": int(parse_size(budget)), "input_bytes": input_bytes,
                                  "cat_seconds": cat["seconds"], "relex_seconds": run["seconds"],
                                  "ratio_to_cat": run["seconds"] / cat["seconds"], "peak_anon_bytes": run["peak_anon"],
-                                 "peak_rss_bytes": run["peak_rss"], **reference})
+                                 "peak_rss_bytes": run["peak_rss"], **reference, **independent})
+                for key in others:
+                    rows[-1][f"{key}_ratio_to_cat"] = rows[-1][f"{key}_seconds"] / cat["seconds"]
+                    for stat, value in compare(others[key], outs[0], scratch / "base").items():
+                        rows[-1][f"{key}_vs_relex_{stat}"] = value
                 if len(outs) > 1:
                     rows[-1]["disagreement_with_" + devices[0]] = disagreement(outs[-1], outs[0], scratch / "base")
                 for out in outs:
                     shutil.rmtree(out.parent)
         print(f"{'model':14} {'dtype':8} {'method':10} {'device':6} {'budget':>7} {'input':>9} {'cat s':>7} {'relex s':>8} "
               f"{'ratio':>6} {'peak anon':>10} {'peak rss':>10}"
-              + (f" {'ref s':>7} {'ref/relex':>9} {'ref anon':>9}" if reference else ""))
+              + "".join(f" {k[:3] + ' s':>7} {k[:3] + '/cat':>7} {k[:3] + '/relex':>9} {k[:3] + ' anon':>9} "
+                        f"{k[:3] + ' differ':>10} {k[:3] + ' ulps':>8} {k[:3] + ' rel':>8}" for k in others))
         for r in rows:
             line = (f"{r['model']:14} {r['dtype']:8} {r['method']:10} {r['device']:6} {r['budget']:>7} {r['input_bytes'] / 1e9:>8.2f}G "
                     f"{r['cat_seconds']:>7.2f} {r['relex_seconds']:>8.2f} {r['ratio_to_cat']:>6.2f} "
                     f"{r['peak_anon_bytes'] / 1e6:>9.0f}M {r['peak_rss_bytes'] / 1e6:>9.0f}M")
-            if reference:
-                line += (f" {r['reference_seconds']:>7.1f} {r['reference_seconds'] / r['relex_seconds']:>9.1f} "
-                         f"{r['reference_peak_anon_bytes'] / 1e6:>8.0f}M")
+            for k in others:
+                line += (f" {r[k + '_seconds']:>7.1f} {r[k + '_ratio_to_cat']:>7.1f} "
+                         f"{r[k + '_seconds'] / r['relex_seconds']:>9.1f} {r[k + '_peak_anon_bytes'] / 1e6:>8.0f}M "
+                         f"{100 * r[k + '_vs_relex_differ_share']:>9.3f}% {r[k + '_vs_relex_max_ulps']:>8.0f} "
+                         f"{r[k + '_vs_relex_max_rel_to_update']:>8.1e}")
             for key in (k for k in r if k.startswith("disagreement_with_")):
                 line += f"  {key.removeprefix('disagreement_with_')} vs {r['device']}: {r[key]:.1e}"
             print(line)
@@ -262,6 +320,8 @@ def main() -> None:
                                          "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     finally:
+        for other in ("reference-out", "independent-out"):
+            shutil.rmtree(scratch / other, ignore_errors=True)
         if not args.keep and not args.lab_dir:
             shutil.rmtree(scratch, ignore_errors=True)
 
