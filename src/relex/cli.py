@@ -21,6 +21,8 @@ from relex.units import parse_size
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from relex.verify import VerifyOptions
+
 log = logging.getLogger("relex")
 
 THREADS_PER_CORE = 4  # more torch threads than this per core only slow down (and 100000 crash OpenMP)
@@ -252,6 +254,9 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     if args.verify is not None and args.reconstruct:
         raise RelexError("--verify chooses among predictions; --reconstruct writes the observed checkpoints")
     args.shrink = shrinks[0] if args.verify is None else 1.0
+    from relex.verify import verify_options
+
+    verifying = verify_options(args, None if args.verify is None else shrinks)  # its refusals before any work
     if args.auto:
         from relex.analysis.auto import auto_method
         from relex.analysis.backtest import backtest
@@ -276,8 +281,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
                                                    memory_budget=args.memory_budget)
         targets = args.target or (method.trajectory_.steps if name == "reconstruct" else [])
         options = {}
-    if args.verify is not None:
-        return _verified(args, method, targets, shrinks, run_info, options.get("stats"))
+    if verifying is not None:
+        return _verified(args, method, targets, verifying, run_info, options.get("stats"))
     folders = extrapolate(method, args.out, targets, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                           dtype=args.dtype, **_engine_options(args), run_info=run_info, **options)
     if not args.quiet:
@@ -288,12 +293,11 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verified(args: argparse.Namespace, method, targets: list[int], shrinks: list[float] | None, run_info: dict,
+def _verified(args: argparse.Namespace, method, targets: list[int], options: VerifyOptions, run_info: dict,
               stats: dict | None) -> int:
     """--verify: race the candidates, print their table, write the pick only if confirmed (else exit 3)."""
-    from relex.verify import NOT_VERIFIED, verdict_table, verified_extrapolate, verify_options
+    from relex.verify import NOT_VERIFIED, verdict_table, verified_extrapolate
 
-    options = verify_options(args, shrinks)
     engine = {k: v for k, v in _engine_options(args).items() if k != "progress"}
     verdict, folders = verified_extrapolate(method, targets, args.out, options, engine=engine, stats=stats,
                                             progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype,
@@ -521,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _execute(args: argparse.Namespace) -> int:
     _setup_logging(args)
+    if isinstance(getattr(args, "memory_budget", None), str):  # made once: its one warning, then handed down
+        from relex.budget import MemoryBudget
+
+        args.memory_budget = MemoryBudget.from_flag(args.memory_budget)
     handles_signals = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_signals else None
     try:
