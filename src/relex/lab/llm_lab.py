@@ -7,6 +7,7 @@ pre-training::
     run/checkpoint-N/                      every GRPO checkpoint, TRL's layout (LoRA: the adapter only)
     extrapolated/<method>-cut<C>/step-T/   relex outputs for each method and cutoff
     heldout.jsonl                          the held-out set (`relex eval MODEL --dataset heldout.jsonl` re-scores it)
+    verify.jsonl                           400 problems drawn like training ones, for `relex extrapolate --verify`
     report.json  report.md  accuracy.png
 """
 
