@@ -54,3 +54,14 @@ def test_bad_input_exit_code_from_the_real_command(tmp_path):
     assert done.stderr.strip().splitlines() == [f"relex: error: {tmp_path}: no checkpoints found (expected "
                                                 "checkpoint-N/, global_step_N/, global_stepN_hf/, step-N/ or "
                                                 "step_N/ folders)"]
+
+
+def test_a_profiler_still_writes_its_file_after_the_fast_exit(pico, tmp_path):
+    """extrapolate ends without the interpreter's teardown, except under a profiler, which writes at exit."""
+    base, run, _ = pico
+    profile = tmp_path / "extrapolate.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "relex", "extrapolate",
+                           "--base", str(base), "--run", str(run), "--cutoff", "13", "--target", "50",
+                           "--out", str(tmp_path / "out"), "--no-cache", "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert profile.stat().st_size > 0 and (tmp_path / "out" / "step-50" / "relex.json").is_file()
