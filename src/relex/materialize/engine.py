@@ -97,7 +97,7 @@ def compute_stats(trajectory: Trajectory, specs: dict[str, TensorSpec] | None = 
     stats = {}
     with tqdm(total=sum(_pass_bytes(s, len(trajectory.steps)) for s in specs.values()), unit="B",
               unit_scale=True, desc="statistics", disable=not progress) as bar:
-        tensors = ray.statistics(stream, specs) if ray else ((n, stream.stats(n, specs[n])) for n in stream.read_ahead(list(specs)))
+        tensors = ray.statistics(stream, specs) if ray else ((n, stream.stats(n, s)) for n, s in specs.items())
         for name, tensor_stats in tensors:
             stats[name] = tensor_stats
             bar.update(_pass_bytes(specs[name], len(trajectory.steps)))
@@ -207,7 +207,7 @@ def materialize_locally(stream: DeltaStream, method: Method, specs: dict[str, Te
                         out_dtype: dict[str, torch.dtype], targets: list[int], loaded: dict[str, TensorStats],
                         writers: list[ModelFolderWriter]) -> Iterator[tuple[str, TensorStats]]:
     """The local executor: tensor by tensor in the writers' order, in this process; yields each one's statistics."""
-    for name in stream.read_ahead(writers[0].order):
+    for name in writers[0].order:
         cached = loaded[name].named(name, specs[name].shape) if name in loaded else None
         yield name, materialize_tensor(stream, name, specs[name], out_dtype[name], method, targets, cached, writers)
 

@@ -21,7 +21,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from relex.budget import MemoryBudget
 from relex.errors import RelexError
 from relex.materialize.rounding import cast_into, round_once
 from relex.stats.gram import TensorStats, gram_of
-from relex.trajectory import BufferPool, CheckpointReader, ReadDeltas, TensorSpec, Trajectory
+from relex.trajectory import BufferPool, ReadDeltas, TensorSpec, Trajectory
 
 CHUNK_BYTES = 2 << 20      # float64 bytes of one chunk of deltas (T+1 x columns): it stays in cache between its
                            # conversion and its products (measured: 1.3-1.9x faster than one float64 stack)
@@ -335,20 +335,6 @@ class DeltaStream:
         the two were held at once (measured: 2.3 GB of own memory at a 2 GB budget)."""
         self._load_buffers.release()
         return self.trajectory.deltas(name, self.budget.rows, self._deltas_buffers)
-
-    def read_ahead(self, names: Sequence[str]) -> Iterator[str]:
-        """``names`` in order, each yielded once the next one's bytes were asked of the kernel in the background
-        (``CheckpointReader.prefetch``): on a run not in the page cache, the disk reads the next tensor while this
-        one is computed. No memory of relex's own: the pages are the kernel's cache."""
-        files = [r for r in (self.base, *self.readers) if isinstance(r, CheckpointReader)]
-        ahead = ThreadPoolExecutor(1, thread_name_prefix="relex-ahead")
-        try:
-            for i, name in enumerate(names):
-                if i + 1 < len(names):
-                    ahead.submit(lambda following: [r.prefetch(following) for r in files], names[i + 1])
-                yield name
-        finally:
-            ahead.shutdown(wait=False, cancel_futures=True)
 
     def outputs(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
         """One reused flat output buffer of ``dtype`` per target, on the CPU where the writers take it."""

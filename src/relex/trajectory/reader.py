@@ -241,21 +241,6 @@ class CheckpointReader:
         shape = spec.shape and (stop - start,) + spec.shape[1:]
         return raw.view(spec.dtype).reshape(shape)
 
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to read tensor ``name``'s bytes into the page cache in the background (``posix_fadvise``
-        WILLNEED), so that reading it later overlaps the compute before; a hint: nothing happens where unsupported."""
-        where, spec = self._where[name], self.specs[name]
-        if where.file in self._pickles or not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            fd = os.open(where.file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, where.offset, spec.numel * spec.dtype.itemsize, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
     def read_delta(self, name: str, start: int = 0, stop: int | None = None, *, base: torch.Tensor,
                    out: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of W - W_0 in float64, given W_0's rows as ``base`` (float64; the result has its
