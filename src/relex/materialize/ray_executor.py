@@ -110,7 +110,7 @@ class _TensorWork:
     name: str
     spec: TensorSpec
     dtype: torch.dtype
-    blocks: deque[tuple[int, int]]
+    row_ranges: deque[tuple[int, int]]
     stats: TensorStats | None = None
     weights: np.ndarray | None = None
     local: bool = False  # integer buffers and empty tensors: copied through by the driver, as locally
@@ -118,7 +118,7 @@ class _TensorWork:
     values: deque[tuple[Any, int]] = field(default_factory=deque)  # (values task, its bytes), in block order
 
     def can_ask(self) -> bool:
-        return not self.local and not self.grams and bool(self.blocks)
+        return not self.local and not self.grams and bool(self.row_ranges)
 
 
 class RayExecutor:
@@ -323,12 +323,12 @@ class _Writing(_Tasks):
         return work
 
     def _block_bytes(self, work: _TensorWork) -> int:
-        r0, r1 = work.blocks[0]
+        r0, r1 = work.row_ranges[0]
         return len(self.targets) * (r1 - r0) * work.spec.row_numel * work.dtype.itemsize
 
     def _ask(self, work: _TensorWork) -> None:
         nbytes = self._block_bytes(work)
-        r0, r1 = work.blocks.popleft()
+        r0, r1 = work.row_ranges.popleft()
         work.values.append((self.values_task.remote(self.context, work.name, r0, r1, work.weights, work.dtype),
                             nbytes))
         self.in_flight += 1
@@ -358,4 +358,4 @@ class _Writing(_Tasks):
             write_block(writer, work.name, row, target)
         self.in_flight -= 1
         self.held -= nbytes
-        return not work.blocks and not work.values
+        return not work.row_ranges and not work.values
