@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,21 +82,28 @@ class WeightLoader:
             raise RelexError(f"{self.trajectory.base}: tensor '{missing[0]}' of the checkpoints is not a parameter of "
                              f"the model transformers loads from it")
 
-    @torch.no_grad()  # not inference_mode: the stream's worker threads update its buffers outside that mode
     def load(self, model: "PreTrainedModel", steps: list[int], weights: np.ndarray | dict[str, np.ndarray]) -> None:
-        """Set ``model``'s weights to the weighted sum over the checkpoints at ``steps`` (a prefix of the trajectory).
+        """Set ``model``'s weights to the weighted sum over the checkpoints at ``steps`` (``fill`` of its parameters
+        and buffers by name)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        params.update(model.named_buffers())
+        self.fill({name: tensor.data for name, tensor in params.items()}, steps, weights)
+
+    @torch.no_grad()  # not inference_mode: the stream's worker threads update its buffers outside that mode
+    def fill(self, tensors: Mapping[str, torch.Tensor], steps: list[int],
+             weights: np.ndarray | dict[str, np.ndarray]) -> None:
+        """Write the weighted sum over the checkpoints at ``steps`` (a prefix of the trajectory) into ``tensors``, by
+        checkpoint name: the trained (floating) ones, each rounded once to its dtype.
 
         ``weights``: one vector for every tensor, or one per tensor name (as methods give them)."""
         window = self.trajectory.observed(steps[-1], minimum=1)
         if window.steps != list(steps):
             raise RelexError(f"probe: steps {steps} are not a prefix of the observed window {self.trajectory.steps}")
         stream = DeltaStream(window, self.budget, self.device, n_outputs=1)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        params.update(model.named_buffers())
         for name, spec in self.specs.items():
-            target = params[name].data.view(-1)
             if not spec.dtype.is_floating_point or spec.numel == 0:
                 continue  # integer buffers are not trained
+            target = tensors[name].view(-1)
             row = np.asarray(weights[name] if isinstance(weights, dict) else weights, dtype=np.float64)[None, :]
             for r0, r1 in stream.row_ranges(spec):
                 rows = target[r0 * spec.row_numel:r1 * spec.row_numel]

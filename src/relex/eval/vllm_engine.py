@@ -29,37 +29,20 @@ LOAD_ERRORS = (KeyError, ValueError, RuntimeError, AssertionError)  # what a mod
 
 class WeightPairs:
     """A candidate's weights as (Hugging Face name, tensor) pairs: WeightLoader's weighted sums written into a
-    host copy of the checkpoints' tensors (allocated once, reused for every candidate) instead of a loaded model.
+    host copy of the checkpoints' trained tensors (allocated once, reused for every candidate).
 
     ``dtype``: the floating tensors' dtype (the engine's, so the float64 sums are rounded once; default: as stored).
     Integer tensors are not trained (WeightLoader skips them): they are no pair, the engine keeps the base's."""
 
     def __init__(self, loader: "WeightLoader", dtype: torch.dtype | None = None) -> None:
         self.loader = loader
-        self.module = torch.nn.Module()  # what WeightLoader.load fills: the tensors as buffers under their names
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name, spec in loader.specs.items():
-            floating = spec.dtype.is_floating_point
-            tensor = torch.empty(spec.shape, dtype=(dtype or spec.dtype) if floating else spec.dtype)
-            _register(self.module, name, tensor)
-            if floating and spec.numel:
-                self.tensors[name] = tensor
+        self.tensors = {name: torch.empty(spec.shape, dtype=dtype or spec.dtype)
+                        for name, spec in loader.specs.items() if spec.dtype.is_floating_point and spec.numel}
 
     def __call__(self, steps: list[int], weights: np.ndarray | dict[str, np.ndarray]) -> Pairs:
-        """The pairs of W_0 + sum_t weights[t] (W_t - W_0) over the checkpoints at ``steps`` (as WeightLoader.load)."""
-        self.loader.load(self.module, steps, weights)
+        """The pairs of W_0 + sum_t weights[t] (W_t - W_0) over the checkpoints at ``steps`` (WeightLoader.fill)."""
+        self.loader.fill(self.tensors, steps, weights)
         return list(self.tensors.items())
-
-
-def _register(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """``tensor`` as the buffer at dotted ``name`` under ``root``, making the submodules on the way."""
-    *path, leaf = name.split(".")
-    module = root
-    for part in path:
-        if not hasattr(module, part):
-            module.add_module(part, torch.nn.Module())
-        module = getattr(module, part)
-    module.register_buffer(leaf, tensor)
 
 
 def driver_model(llm: Any) -> torch.nn.Module:
