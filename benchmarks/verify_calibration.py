@@ -54,7 +54,7 @@ def make_lab(root: Path, profile: str, seed: int, lora: bool, kernels: str, mode
             from relex.lab.llm_profiles import LLM_PROFILES
             from relex.lab.profiles import LoraSettings
 
-            os.environ["ATEN_CPU_CAPABILITY"] = kernels
+            os.environ["ATEN_CPU_CAPABILITY"] = kernels  # in this process: torch reads it at its first kernel
             train_llm_run(_with_lr(LLM_PROFILES[profile], lr, lora), out, seed, overwrite=True, quiet=True,
                           lora=LoraSettings() if lora else None, threads=threads)
         return out
@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--resume", type=Path, help="a JSON this script wrote: its cases are kept, not run again")
     args = parser.parse_args()
+    if args.model != "tiny" and len(args.kernels) > 1:
+        parser.error("the LLM lab trains in this process, whose torch kernels are set once: one --kernels per call")
 
     steps = None
     if args.model != "tiny":
