@@ -95,7 +95,8 @@ def test_math_task_heldout_fixed_disjoint_and_verified() -> None:
 def test_math_task_kinds_restrict_the_arithmetic_drawn() -> None:
     """``kinds`` picks the arithmetic kinds for training and held-out alike; an unknown kind is refused."""
     task = MathTask(lambda m: m, heldout_size=200, word_share=0.0, kinds="+*")
-    questions = [m.prompt for m in task.dataset(task.heldout)] + [p.prompt for p in task.sample_many(500, random.Random(1))]
+    questions = [m.prompt for m in task.dataset(task.heldout)]
+    questions += [p.prompt for p in task.sample_many(500, random.Random(1))]
     assert all((" + " in q) != (" * " in q) and " - " not in q for q in questions)
     assert {" + " in q for q in questions} == {True, False}
     assert task.spec()["kinds"] == "+*"

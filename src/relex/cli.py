@@ -552,8 +552,9 @@ def _execute(args: argparse.Namespace) -> int:
 def run() -> NoReturn:
     """The ``relex`` command: ``main``, then, for the commands that only read checkpoints and write files
     (``fast_exit``), an exit without the interpreter's teardown: torch's and numba's finalizers took 0.5-1.5 s
-    from a script's last line to its process's end (0.03-0.08 s without them; 2 busy cores). Output streams are flushed first; a command that loaded Ray (whose
-    shutdown runs at exit), or runs under a profiler or coverage (which write their files at exit), ends normally."""
+    from a script's last line to its process's end (0.03-0.08 s without them; 2 busy cores). Output streams are
+    flushed first; a command that loaded Ray (whose shutdown runs at exit), or runs under a profiler or coverage
+    (which write their files at exit), ends normally."""
     args = build_parser().parse_args()
     code = _execute(args)
     watched = sys.getprofile() is not None or sys.gettrace() is not None  # a profiler or coverage writes at exit

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING
 from relex.errors import RelexError
 from relex.lab import report
 from relex.lab.lab import (LAB_LAYOUT, _Clock, check_lab_out, cutoff_steps, extrapolate_and_measure, lab_methods,
-                           lab_targets, point_adapters_at, quiet_libraries,
-                           write_verify_set)
+                           lab_targets, point_adapters_at, quiet_libraries, write_verify_set)
 from relex.lab.llm_profiles import LLMProfile
 from relex.lab.profiles import LoraSettings
 from relex.tempfiles import building
