@@ -1,5 +1,6 @@
 """--verify --backend vllm: the weights handed to the engine, the in-place load and prefix-cache reset, the refusal
-where vLLM or a GPU is missing, and (where both are present) the real engine against transformers."""
+where vLLM or a GPU is missing, and (where vLLM runs: a CUDA GPU, or its CPU build) the real engine against
+transformers."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 
 from relex.errors import RelexError
-from relex.eval.vllm_engine import VllmEngine
+from relex.eval.vllm_engine import VllmEngine, vllm_cpu_build
 from relex.verify import Candidate, ModelScorer, VllmScorer, verify
 from test_verify import answer_run
 
 GRADER = "test_verify:exact_match"
-HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+HAS_VLLM = importlib.util.find_spec("vllm") is not None and (torch.cuda.is_available() or vllm_cpu_build())
 
 
 class TransformersEngine:
@@ -101,10 +102,19 @@ class LoadingModel(torch.nn.Module):
         self.log.append(("load", [(name, tensor.device) for name, tensor in weights]))
 
 
-def fake_llm(log: list, deeper: bool = False, reset: bool = True, fail: Exception | None = None):
-    """An ``LLM`` with its model where TRL reaches it (``driver_worker.model_runner``) or one wrapper deeper."""
-    runner = SimpleNamespace(model=LoadingModel(log, fail))
-    worker = SimpleNamespace(model_runner=runner)
+def fake_llm(log: list, deeper: bool = False, reset: bool = True, fail: Exception | None = None,
+             reloads: bool = False):
+    """An ``LLM`` with its model where TRL reaches it (``driver_worker.model_runner``) or one wrapper deeper; with
+    ``reloads``, its worker has vLLM >= 0.16's ``reload_weights(weights_iterator=...)``, which loads through the
+    model (and would then rerun each layer's post-load processing)."""
+    model = LoadingModel(log, fail)
+
+    def reload_weights(weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+        log.append(("reload", is_checkpoint_format))
+        model.load_weights(weights_iterator)
+
+    runner = SimpleNamespace(model=model, **({"reload_weights": reload_weights} if reloads else {}))
+    worker = SimpleNamespace(model_runner=runner, **({"reload_weights": reload_weights} if reloads else {}))
     if deeper:
         worker = SimpleNamespace(worker=worker)
     return SimpleNamespace(llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker)),
@@ -120,6 +130,15 @@ def test_engine_loads_in_place_then_resets_the_prefix_cache(deeper):
     assert engine.dtype == torch.float32
 
 
+def test_engine_reloads_through_the_worker_where_vllm_can():
+    log = []
+    engine = VllmEngine(fake_llm(log, reloads=True))
+    engine.load([("a.weight", torch.ones(3))])
+    assert log == [("reload", True), ("load", [("a.weight", torch.device("cpu"))]), ("reset",)]
+    with pytest.raises(RelexError, match=r"refused a candidate's weights \(KeyError"):
+        VllmEngine(fake_llm([], fail=KeyError("x.weight"), reloads=True)).load([("x.weight", torch.ones(1))])
+
+
 def test_engine_errors_are_one_line():
     with pytest.raises(RelexError, match="out of this process's reach"):
         VllmEngine(SimpleNamespace(llm_engine=SimpleNamespace()))
@@ -132,7 +151,10 @@ def test_engine_errors_are_one_line():
 def test_backend_vllm_is_refused_in_one_line_without_vllm_or_a_gpu(tmp_path, monkeypatch, capsys):
     from test_verify import verify_cli
 
+    import relex.eval.vllm_engine as vllm_engine
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vllm_engine, "vllm_cpu_build", lambda: False)
     base, run, data, target = answer_run(tmp_path, gain=True, n=8)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:  # refused as it is parsed, before any checkpoint is read
@@ -166,7 +188,7 @@ def save_wide_model(folder):
     return folder
 
 
-@pytest.mark.skipif(not HAS_VLLM_GPU, reason="needs vllm and a CUDA GPU: the real engine is checked where both are")
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm with a CUDA GPU, or vLLM's CPU build (vllm-cpu)")
 def test_vllm_engine_reloads_in_place_and_scores_like_transformers(tmp_path):
     trajectory, method, stats, items, target = fitted(tmp_path, base_model=save_wide_model)
     vs = VllmScorer(trajectory, method, stats, items, max_new_tokens=1, grader=GRADER)

@@ -143,23 +143,27 @@ def check_weight_files(folder: Path) -> None:
 
 
 def check_backend(backend: str) -> None:
-    """Refuse ``vllm`` unless the package is installed and a CUDA GPU is present."""
+    """Refuse ``vllm`` unless the package is installed, with a CUDA GPU or as vLLM's CPU build."""
     if backend != "vllm":
         return
     import torch
 
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        raise RelexError("--backend vllm needs the vllm package and a CUDA GPU; use --backend hf")
+    from relex.eval.vllm_engine import vllm_cpu_build
+
+    if importlib.util.find_spec("vllm") is None or not (torch.cuda.is_available() or vllm_cpu_build()):
+        raise RelexError("--backend vllm needs the vllm package and a CUDA GPU (or vLLM's CPU build, "
+                         "e.g. the vllm-cpu package); use --backend hf")
 
 
 def score_vllm(model_dir: Path, problems: list[Problem], max_new_tokens: int) -> "Score":
     """Greedy pass@1 with vLLM (one engine per model folder)."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from relex.eval.grading import grade
     from relex.eval.scoring import Score
+    from relex.eval.vllm_engine import new_llm
 
-    llm = LLM(model=str(model_dir), dtype="auto", seed=0)
+    llm = new_llm(model_dir)
     outputs = llm.generate([p.prompt for p in problems], SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
     texts = [o.outputs[0].text for o in outputs]
     return Score(tuple(grade(t, p.answer) for t, p in zip(texts, problems, strict=True)))
