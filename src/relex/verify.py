@@ -380,11 +380,12 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="grade with your function (completion, answer) -> bool instead of math-verify's")
     g.add_argument("--backend", choices=("hf", "vllm"), default="hf", type=_backend,
                    help="score candidates in transformers (default) or in one vLLM engine whose weights are "
-                        "reloaded in place for each (needs vllm and a CUDA GPU)")
+                        "reloaded in place for each (needs vllm with a CUDA GPU, or vLLM's CPU build)")
 
 
 def _backend(name: str) -> str:
-    """argparse type of ``--backend``: vllm is refused before any work where the package or a CUDA GPU is missing."""
+    """argparse type of ``--backend``: vllm is refused before any work where the package, or a CUDA GPU for its GPU
+    build, is missing."""
     if name == "vllm":
         from relex.eval.dataset import check_backend
 

@@ -4,8 +4,8 @@ Each line of the file is a UTF-8 JSON object with ``prompt`` (the question, sent
 the model's chat template, or as is when the tokenizer has none; not empty, and within the model's context once
 rendered) and ``answer`` (the reference, e.g. ``"42"`` or ``"\\frac{1}{2}"``; a JSON number is read as its
 text, ``null``, ``true`` or an empty string refused). Decoding is greedy; backends: HF ``generate`` (batched,
-left-padded; GPU when present) or vLLM (needs the package and a CUDA GPU). A bad line or weight file is one
-RelexError naming it, before any model runs.
+left-padded; GPU when present) or vLLM (needs the package with a CUDA GPU, or its CPU build). A bad line or
+weight file is one RelexError naming it, before any model runs.
 """
 
 from __future__ import annotations

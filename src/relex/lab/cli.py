@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="grade on this file instead of a lab task: JSON lines with 'prompt' and 'answer', chat "
                          "template applied, math-verify grading, greedy pass@1")
     ev.add_argument("--backend", choices=("hf", "vllm"), default="hf",
-                    help="with --dataset: HF generate (default) or vLLM (needs vllm and a CUDA GPU)")
+                    help="with --dataset: HF generate (default) or vLLM (a CUDA GPU, or vLLM's CPU build)")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="with --dataset: generation budget (default 512)")
     ev.add_argument("--batch-size", type=int, default=512, help="prompts per generate call (default 512)")
     ev.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's, one per core)")
