@@ -56,7 +56,9 @@ def measure(lab: Path, backend: str, cutoff: int, targets: list[int], shrinks: l
         t2 = time.perf_counter()
         rows.append({"candidate": "stop" if c is None else c.label, "load_s": t1 - t0, "score_s": t2 - t1,
                      "accuracy": float(grades.mean()), "grades": grades.astype(int).tolist()})
-    return {"backend": backend, "open_s": opened, "problems": len(items), "candidates": rows,
+    dtype = scorer.engine.dtype if backend == "vllm" else scorer.model.dtype
+    return {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "open_s": opened, "problems": len(items),
+            "candidates": rows,
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -97,12 +99,13 @@ def main() -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     print(f"\n{args.lab.name}: {args.problems} problems, {args.max_new_tokens} new tokens at most, greedy")
-    print("| backend | start-up | candidate | load | score | per answer | accuracy |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| backend | dtype | start-up | candidate | load | score | per answer | accuracy |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for r in results:
         for i, c in enumerate(r["candidates"]):
-            print(f"| {r['backend']} | {r['open_s'] if i == 0 else 0:.1f} s | {c['candidate']} | {c['load_s']:.2f} s | "
-                  f"{c['score_s']:.1f} s | {c['score_s'] / r['problems']:.3f} s | {100 * c['accuracy']:.1f}% |")
+            print(f"| {r['backend']} | {r['dtype']} | {r['open_s'] if i == 0 else 0:.1f} s | {c['candidate']} | "
+                  f"{c['load_s']:.2f} s | {c['score_s']:.1f} s | {c['score_s'] / r['problems']:.3f} s | "
+                  f"{100 * c['accuracy']:.1f}% |")
     same = agreement(*results) if len(results) == 2 else None
     if same is not None:
         print(f"\nthe backends grade {100 * same:.1f}% of (candidate, problem) pairs alike")
