@@ -126,6 +126,27 @@ def test_eval_dataset_cli_on_a_real_model(tmp_path: Path) -> None:
     assert len(lines) == 2 and "paired" not in lines[0] and "vs the first, paired" in lines[1]
 
 
+def test_eval_dataset_needs_no_lab(tmp_path: Path) -> None:
+    """`relex eval --dataset` is the product's (the eval extra): it runs where the lab cannot be imported, and
+    asking for a lab task there is one line, exit 2."""
+    from conftest import save_pico_model
+
+    model = save_pico_model(tmp_path / "pico")
+    data = tmp_path / "d.jsonl"
+    write_dataset(data, [Problem("1+2=", "3"), Problem("2+2=", "4")])
+    no_lab = "import sys; sys.modules['relex.lab.cli'] = None; from relex.cli import run; sys.argv[0] = 'relex'; run()"
+    run = [sys.executable, "-c", no_lab, "eval", str(model)]
+    proc = subprocess.run([*run, "--dataset", str(data), "--max-new-tokens", "2", "--score-only"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert 0.0 <= float(proc.stdout.strip()) <= 1.0
+    proc = subprocess.run([*run, "--profile", "ci"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unrecognized arguments: --profile" in proc.stderr
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 2 and "needs the lab extra" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_eval_dataset_refuses_bad_input(tmp_path: Path) -> None:
     from conftest import save_pico_model
 

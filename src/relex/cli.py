@@ -177,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_watch(sub)
 
+    from relex.eval.cli import register as register_eval
+
+    register_eval(sub)
     try:
         from relex.lab.cli import register
-    except ImportError:  # the lab needs the [lab] extra (transformers, TRL)
+    except ImportError:  # the lab needs the [lab] extra (transformers, TRL); relex eval then takes --dataset only
         pass
     else:
         register(sub)

@@ -1,4 +1,5 @@
-"""`relex lab` (run a profile end to end) and `relex eval` (score model folders on a task's held-out set)."""
+"""`relex lab` (run a profile end to end), and the lab's tasks for `relex eval` (score model folders on a task's
+held-out set)."""
 
 from __future__ import annotations
 
@@ -58,31 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pe.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     pe.set_defaults(func=cmd_predict_extend)
 
-    ev = subparsers.add_parser("eval", help="greedy held-out accuracy of model folders")
-    ev.add_argument("models", nargs="*", type=Path, metavar="MODEL_DIR", help="HF model folders")
+    ev = subparsers.choices["eval"]  # the product's relex eval (relex.eval.cli), given the lab's tasks here
     ev.add_argument("--logits-extrapolate", nargs=2, type=Path, metavar=("ANCHOR", "CUT"),
                     help="also score decoding from l_anchor + alpha (l_cut - l_anchor) (logits extrapolation)")
     ev.add_argument("--alpha", type=float, help="with --logits-extrapolate: alpha, e.g. (T - t_anchor)/(t_cut - t_anchor)")
-    ev.add_argument("--score-only", action="store_true",
-                    help="print only the accuracy, one number per line (for relex backtest --eval-command)")
     ev.add_argument("--profile", choices=sorted(PROFILES), help="take task, digits and held-out size from a lab profile")
     ev.add_argument("--task", choices=sorted(TASKS), help="task (default addition)")
     ev.add_argument("--digits", type=int, help="operand digits (default 3)")
     ev.add_argument("--heldout-size", type=int, help="held-out problems (default 1000)")
     ev.add_argument("--heldout-seed", type=int, default=1234, help="held-out set seed (default 1234)")
-    ev.add_argument("--tokenizer", type=Path, help="tokenizer folder for models that carry none (default: --base)")
-    ev.add_argument("--base", type=Path, help="base model that LoRA adapter folders are merged onto; also the "
-                                              "tokenizer of models that carry none when --tokenizer is not given")
-    ev.add_argument("--dataset", type=Path, metavar="FILE.jsonl",
-                    help="grade on this file instead of a lab task: JSON lines with 'prompt' and 'answer', chat "
-                         "template applied, math-verify grading, greedy pass@1")
-    ev.add_argument("--backend", choices=("hf", "vllm"), default="hf",
-                    help="with --dataset: HF generate (default) or vLLM (a CUDA GPU, or vLLM's CPU build)")
-    ev.add_argument("--max-new-tokens", type=int, default=512, help="with --dataset: generation budget (default 512)")
-    ev.add_argument("--batch-size", type=int, default=512, help="prompts per generate call (default 512)")
-    ev.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's, one per core)")
-    ev.add_argument("--json", type=Path, help="also write the scores as JSON here")
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print nothing but errors")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -145,7 +130,9 @@ def _task_args(args: argparse.Namespace) -> tuple[str, int, int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``relex eval`` with the lab: a lab task's held-out set (and logits extrapolation), or ``--dataset``."""
     from relex.errors import RelexError
+    from relex.eval.cli import check_models, eval_dataset, print_scores
     from relex.lab.evaluate import score_dirs
     from relex.lab.lab import quiet_libraries
     from relex.lab.tasks import make_task
@@ -155,17 +142,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RelexError("give model folders to score, or --logits-extrapolate ANCHOR CUT --alpha A")
     if pair and args.alpha is None:
         raise RelexError("--logits-extrapolate needs --alpha")
-    from relex.trajectory.peft import is_adapter_folder
-
     if args.dataset is not None and (pair or args.profile or args.task or args.digits or args.heldout_size):
         raise RelexError("--dataset grades the file's own items: drop --logits-extrapolate, --profile, --task, "
                          "--digits and --heldout-size")
-    missing = [str(m) for m in [*args.models, *pair] if not (m / "config.json").is_file() and not is_adapter_folder(m)]
-    if missing:
-        raise RelexError(f"not a model or adapter folder (no config.json or adapter_config.json): {', '.join(missing)}")
+    check_models([*args.models, *pair])
     quiet_libraries(args.quiet or args.score_only)
     if args.dataset is not None:
-        return _eval_dataset(args)
+        return eval_dataset(args)
     from relex.eval.dataset import check_weight_files
 
     for folder in [*args.models, *pair]:  # a truncated file is named here, not in a transformers traceback
@@ -186,47 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                        task, args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         raise RelexError(" ".join(str(exc).split())) from exc  # one line, whatever the library wrote
-    _print_scores(scores, args, "accuracy")
+    print_scores(scores, args, "accuracy")
     if args.json:
         doc = {"task": task.spec(), "scores": {m: s.as_dict() for m, s in scores.items()}}
-        from relex.jsonout import write_json
-
-        write_json(args.json, doc)
-    return 0
-
-
-def _print_scores(scores: dict, args: argparse.Namespace, metric: str) -> None:
-    """One number per line with --score-only, else one aligned line per model (nothing with -q); every model
-    after the first also gets its paired difference to the first (same items: e.g. against the cutoff)."""
-    if args.score_only:
-        for s in scores.values():
-            print(f"{s.accuracy:.6f}")
-    elif not args.quiet:
-        width = max(len(str(m)) for m in scores)
-        first = next(iter(scores.values()))
-        for i, (model, s) in enumerate(scores.items()):
-            paired = "  {:+.4f} ± {:.4f} vs the first, paired".format(*s.minus(first)) if i else ""
-            print(f"{str(model):<{width}}  {metric} {s.accuracy:.4f} ± {s.stderr:.4f}  ({s.correct}/{s.total}){paired}")
-
-
-def _eval_dataset(args: argparse.Namespace) -> int:
-    """``relex eval MODEL... --dataset FILE.jsonl``: greedy pass@1 graded by math-verify, with its standard error."""
-    from relex.errors import RelexError
-    from relex.eval.dataset import read_dataset, score_dataset
-
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise RelexError(f"--max-new-tokens {args.max_new_tokens} and --batch-size {args.batch_size} must be >= 1")
-    items = read_dataset(args.dataset)
-    try:
-        scores = score_dataset(args.models, items, args.backend, args.max_new_tokens, args.batch_size,
-                               tokenizer_dir=args.tokenizer or args.base, adapter_base=args.base,
-                               quiet=args.quiet or args.score_only)
-    except (ValueError, FileNotFoundError) as exc:
-        raise RelexError(str(exc)) from exc
-    _print_scores(scores, args, "pass@1")
-    if args.json:
-        doc = {"dataset": str(args.dataset), "items": len(items), "backend": args.backend, "grader": "math-verify",
-               "max_new_tokens": args.max_new_tokens, "scores": {str(m): s.as_dict() for m, s in scores.items()}}
         from relex.jsonout import write_json
 
         write_json(args.json, doc)

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Iterator
 
 from relex import Relex, Trajectory, TwoPoint, materialize
 from relex.errors import RelexError
+from relex.eval.cli import quiet_models
 from relex.lab import report
 from relex.lab.profiles import LoraSettings, Profile
 from relex.lab.weights import drift, relative_weight_error
@@ -39,18 +39,11 @@ def quiet_libraries(quiet: bool) -> None:
 
     TRL and transformers deprecation notices about each other are always hidden: a user cannot act on them.
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    quiet_models(quiet)
     import datasets
-    import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-    if quiet:
-        warnings.filterwarnings("ignore")
 
 
 def check_lab_out(out: Path, overwrite: bool, **inputs: Path | None) -> None:
