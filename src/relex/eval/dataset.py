@@ -164,7 +164,8 @@ def score_vllm(model_dir: Path, problems: list[Problem], max_new_tokens: int) ->
     from relex.eval.vllm_engine import new_llm
 
     llm = new_llm(model_dir)
-    outputs = llm.generate([p.prompt for p in problems], SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+    outputs = llm.generate([p.prompt for p in problems], SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+                           use_tqdm=False)  # relex draws its own bar
     texts = [o.outputs[0].text for o in outputs]
     return Score(tuple(grade(t, p.answer) for t, p in zip(texts, problems, strict=True)))
 
