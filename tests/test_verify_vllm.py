@@ -135,8 +135,30 @@ def test_engine_reloads_through_the_worker_where_vllm_can():
     engine = VllmEngine(fake_llm(log, reloads=True))
     engine.load([("a.weight", torch.ones(3))])
     assert log == [("reload", True), ("load", [("a.weight", torch.device("cpu"))]), ("reset",)]
+    broken = VllmEngine(fake_llm([], fail=KeyError("x.weight"), reloads=True))
     with pytest.raises(RelexError, match=r"refused a candidate's weights \(KeyError"):
-        VllmEngine(fake_llm([], fail=KeyError("x.weight"), reloads=True)).load([("x.weight", torch.ones(1))])
+        broken.load([("x.weight", torch.ones(1))])
+    with pytest.raises(RelexError, match="half-loaded"):  # vLLM's layer-wise reload state is not trusted again
+        broken.load([("a.weight", torch.ones(1))])
+
+
+def test_reload_needs_pairs_by_name_on_both_the_runner_and_the_worker():
+    from relex.eval.vllm_engine import reloads_in_place
+
+    def new(weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+        pass
+
+    def forwarding(*args, **kwargs):
+        pass
+
+    def old():  # vLLM < 0.16: re-reads the model folder
+        pass
+
+    worker = lambda runner, own: SimpleNamespace(model_runner=SimpleNamespace(reload_weights=runner),  # noqa: E731
+                                                 reload_weights=own)
+    assert reloads_in_place(worker(new, forwarding)) and reloads_in_place(worker(new, new))
+    assert not reloads_in_place(worker(old, forwarding)) and not reloads_in_place(worker(new, old))
+    assert not reloads_in_place(SimpleNamespace(model_runner=SimpleNamespace()))
 
 
 def test_engine_errors_are_one_line():

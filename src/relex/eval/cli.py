@@ -70,6 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_models(args.models)
     try:
         quiet_models(args.quiet or args.score_only)
+        import math_verify  # noqa: F401  graded after the first model has run: missing, say so before
     except ImportError:
         raise RelexError("relex eval runs the models: it needs the eval extra (pip install 'relex-rlvr[eval]')") \
             from None

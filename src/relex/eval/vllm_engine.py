@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -65,13 +66,18 @@ def engine_parts(llm: Any) -> tuple[Any, torch.nn.Module]:
 
 def reloads_in_place(worker: Any) -> bool:
     """Whether ``worker.reload_weights`` takes checkpoint-format pairs (``weights_iterator``, vLLM 0.16 and newer;
-    before, it took no pairs and re-read the model folder)."""
-    method = getattr(getattr(worker, "model_runner", None), "reload_weights", None)
-    try:
-        return callable(getattr(worker, "reload_weights", None)) and \
-            "weights_iterator" in inspect.signature(method).parameters
-    except (TypeError, ValueError):  # no runner method, or one without a signature
-        return False
+    before, it took no pairs and re-read the model folder): the runner's method says so, and the worker's takes it
+    by name or forwards keywords."""
+    def parameters(method: Any) -> dict:
+        try:
+            return dict(inspect.signature(method).parameters)
+        except (TypeError, ValueError):  # not a callable, or one without a signature
+            return {}
+
+    runner = parameters(getattr(getattr(worker, "model_runner", None), "reload_weights", None))
+    own = parameters(getattr(worker, "reload_weights", None))
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values())
+    return "weights_iterator" in runner and ("weights_iterator" in own or forwards)
 
 
 class VllmEngine:
@@ -81,6 +87,7 @@ class VllmEngine:
         self.llm = llm
         self.worker, self.model = engine_parts(llm)
         self.reloads = reloads_in_place(self.worker)
+        self.broken = False  # a load failed part-way: some layers may hold neither weights nor a clean reload state
         first = next(self.model.parameters())
         self.device, self.dtype = first.device, first.dtype  # where the weights live, and in what precision
 
@@ -88,6 +95,8 @@ class VllmEngine:
         """Copy ``pairs`` (Hugging Face names) into the engine's weights, one tensor on the engine's device at a
         time (through ``reload_weights`` where this vLLM has it), then drop every cached KV block: those were
         computed with the previous weights."""
+        if self.broken:
+            raise RelexError("--backend vllm: this engine was left half-loaded by an earlier failed load")
         moved = ((name, tensor.to(self.device)) for name, tensor in pairs)
         try:
             if self.reloads:
@@ -95,6 +104,8 @@ class VllmEngine:
             else:
                 self.model.load_weights(moved)
         except LOAD_ERRORS as exc:
+            self.broken = True  # vLLM's layer-wise reload keeps state between calls: never load into it again
+            open_engine.cache_clear()  # the next scorer (a watch's next poll) builds a fresh engine
             raise RelexError(f"--backend vllm: the engine refused a candidate's weights "
                              f"({type(exc).__name__}: {str(exc).split(chr(10))[0]})") from None
         if self.llm.reset_prefix_cache() is False:  # vLLM >= 0.9 says False while requests hold cached blocks
@@ -128,7 +139,7 @@ def tolerate_attribute_proxies() -> None:
         from vllm.triton_utils import dispatcher
     except ImportError:
         return
-    dispatcher.vars = lambda obj: held if isinstance(held := getattr(obj, "__dict__", None), dict) else {}
+    dispatcher.vars = lambda obj: held if isinstance(held := getattr(obj, "__dict__", None), Mapping) else {}
 
 
 @lru_cache(maxsize=None)
@@ -140,7 +151,8 @@ def open_engine(model: Path, tokenizer: Path) -> VllmEngine:
 
 
 def new_llm(model: Path, tokenizer: Path | None = None) -> Any:
-    """A vLLM ``LLM`` of the model folder, in its stored dtype, seeded."""
+    """A vLLM ``LLM`` of the model folder, seeded, in vLLM's ``auto`` dtype (a float32 model runs in half
+    precision: bfloat16 on the CPU)."""
     from vllm import LLM
 
     if vllm_cpu_build():

@@ -21,7 +21,8 @@ if any(importlib.util.find_spec(pkg) is None for pkg in ("transformers", "trl", 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``lab`` and ``eval`` subcommands to a ``relex`` argparse subparsers object."""
+    """Add ``lab`` and ``predict-extend`` to a ``relex`` argparse subparsers object, and the lab's tasks to its
+    ``eval`` (which ``relex.eval.cli.register`` has added)."""
     lab = subparsers.add_parser("lab", help="pre-train, run GRPO, extrapolate, evaluate and report (offline, CPU)")
     lab.add_argument("--model", choices=["tiny", *sorted(MODELS)], default="tiny",
                      help="tiny: pre-train a char-level Qwen2 (default); smollm2-135m: start from SmolLM2-135M-Instruct "
