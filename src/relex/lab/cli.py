@@ -133,7 +133,8 @@ def _task_args(args: argparse.Namespace) -> tuple[str, int, int]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``relex eval`` with the lab: a lab task's held-out set (and logits extrapolation), or ``--dataset``."""
     from relex.errors import RelexError
-    from relex.eval.cli import check_models, eval_dataset, print_scores
+    from relex.eval.cli import check_models, print_scores
+    from relex.eval.cli import cmd_eval as eval_product
     from relex.lab.evaluate import score_dirs
     from relex.lab.lab import quiet_libraries
     from relex.lab.tasks import make_task
@@ -146,10 +147,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset is not None and (pair or args.profile or args.task or args.digits or args.heldout_size):
         raise RelexError("--dataset grades the file's own items: drop --logits-extrapolate, --profile, --task, "
                          "--digits and --heldout-size")
+    if args.dataset is not None:
+        return eval_product(args)  # the product's command: one path for --dataset, with or without the lab
     check_models([*args.models, *pair])
     quiet_libraries(args.quiet or args.score_only)
-    if args.dataset is not None:
-        return eval_dataset(args)
     from relex.eval.dataset import check_weight_files
 
     for folder in [*args.models, *pair]:  # a truncated file is named here, not in a transformers traceback
